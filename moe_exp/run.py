@@ -1,0 +1,118 @@
+"""One run: validate → build data, model and trainer → train with the strategy → test →
+write the run record. Heavy imports live here, off the path of ``--help``."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from moe_exp.config import build, validate
+from moe_exp.errors import DivergedError
+from moe_exp.record import RunRecord
+
+log = logging.getLogger("moe_exp")
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> float:
+    """Train and evaluate one configuration in ``run_dir``; returns the validation accuracy."""
+    run_dir = Path(run_dir)
+    record = RunRecord(run_dir, overrides)
+    try:
+        validate(cfg)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        results = _train_and_test(cfg, run_dir, record)
+    except DivergedError as err:
+        record.finish("diverged", error=str(err))
+        raise
+    except BaseException as err:
+        record.finish("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    record.finish("completed", **results)
+    log.info(
+        "done in %.1f s: test/acc=%.4f val/acc=%.4f test/cv_load=%.3f → %s",
+        record.data["wall_time_s"],
+        results.get("test/acc", float("nan")),
+        results.get("val/acc", float("nan")),
+        results.get("test/cv_load", float("nan")),
+        run_dir,
+    )
+    return float(results["val/acc"])
+
+
+def _quiet_lightning() -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path) -> Any:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from moe_exp.callbacks import EpochSummary, progress_bar
+
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/acc",
+        mode="max",
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    loggers = [build(node, save_dir=str(run_dir)) for node in (cfg.get("logger") or {}).values()]
+    return build(
+        cfg.trainer,
+        callbacks=[checkpoint, progress_bar(), EpochSummary()],
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+    )
+
+
+def build_components(cfg: DictConfig) -> tuple[Any, Any]:
+    """The datamodule (set up) and the LightningModule wrapping the configured model."""
+    from moe_exp.lit import MoEClassifierModule
+
+    datamodule = build(cfg.data)
+    datamodule.setup()
+    model = build(
+        cfg.model,
+        in_shape=datamodule.in_shape,
+        num_classes=datamodule.num_classes,
+        num_experts=cfg.experts,
+        expert=build(cfg.expert),
+        router=build(cfg.gate),
+        regularizers=build(cfg.get("regularizer")) or {},
+    )
+    module = MoEClassifierModule(model, datamodule.num_classes, cfg.experts, **cfg.optim)
+    return datamodule, module
+
+
+def _train_and_test(cfg: DictConfig, run_dir: Path, record: RunRecord) -> dict[str, Any]:
+    import lightning as L
+
+    _quiet_lightning()
+    torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule, module = build_components(cfg)
+    model = module.model
+    record.update(**model.parameter_counts())
+
+    trainer = make_trainer(cfg, run_dir)
+    build(cfg.strategy).fit(trainer, module, datamodule)
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    ckpt = "best" if best else None
+    val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
+    return {
+        **{k: float(v) for k, v in {**val, **test}.items()},
+        "epochs": trainer.current_epoch,
+        "best_checkpoint": str(Path(best).relative_to(run_dir)) if best else None,
+    }

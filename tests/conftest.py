@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_exp.cli import compose, config_dir
+
+CLI = str(Path(sys.executable).parent / "moe-exp")
+# A tiny, fast run: small data, one epoch, no checkpoint-worthy training.
+QUICK = ["experiment=quick"]
+
+
+def compose_config(overrides=()):
+    return compose(list(overrides))
+
+
+def config_options() -> list[tuple[str, str]]:
+    """Every (group, option) pair under conf/."""
+    root = Path(config_dir())
+    return sorted(
+        (group.name, option.stem)
+        for group in root.iterdir()
+        if group.is_dir() and not group.name.startswith(("_", "."))
+        for option in group.glob("*.yaml")
+    )
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": ""}
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run(
+        [CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.fixture
+def cli(tmp_path):
+    return lambda *args, **kw: run_cli(*args, cwd=tmp_path, **kw)

@@ -1,0 +1,157 @@
+"""The real `moe-exp` console script, run as a subprocess."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import QUICK
+
+METRIC_KEYS = (
+    "test/acc",
+    "test/loss",
+    "val/acc",
+    "test/cv_load",
+    "test/cv_importance",
+    "test/max_mean_load",
+    "test/load_entropy",
+    "test/load_e0",
+    "test/importance_e0",
+)
+
+
+def only_run_dir(root: Path) -> Path:
+    (summary,) = root.glob("outputs/runs/*/*/summary.json")
+    return summary.parent
+
+
+def test_help_lists_groups_and_options(cli, tmp_path):
+    out = cli("--help")
+    assert out.returncode == 0
+    for line in (
+        "data: shapes",
+        "gate: noisy_topk, softmax, topk",
+        "expert: cnn, mlp",
+        "regularizer: importance, load, none, switch",
+        "strategy: joint",
+    ):
+        assert line in out.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_tiny_run_writes_a_complete_run_folder(cli, tmp_path):
+    out = cli(*QUICK)
+    assert out.returncode == 0, out.stderr
+    run = only_run_dir(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    for key in (*METRIC_KEYS, "params_total", "params_active", "wall_time_s"):
+        assert key in summary, key
+    assert 0.0 <= summary["test/acc"] <= 1.0
+    assert summary["params_active"] < summary["params_total"]
+    loads = [summary[f"test/load_e{i}"] for i in range(4)]
+    assert sum(loads) == pytest.approx(1.0)
+    assert (run / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
+    assert (run / summary["best_checkpoint"]).is_file()
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    columns = set(rows[0])
+    assert {"train/acc", "val/acc", "train/cv_load", "val/load_e3", "val/importance_e0"} <= columns
+    assert "epoch 0:" in out.stderr + out.stdout or (run / "moe-exp.log").read_text()
+
+
+def test_a_2x2_multirun_makes_four_job_folders(cli, tmp_path):
+    out = cli("-m", *QUICK, "gate=topk,noisy_topk", "experts=2,3", "k=1")
+    assert out.returncode == 0, out.stderr
+    summaries = sorted(tmp_path.glob("outputs/multiruns/*/*/*/summary.json"))
+    assert len(summaries) == 4
+    seen = set()
+    for path in summaries:
+        data = json.loads(path.read_text())
+        assert data["status"] == "completed"
+        seen.add(tuple(sorted(data["overrides"])))
+    assert len(seen) == 4
+
+
+def test_the_users_own_command_works(cli, tmp_path):
+    out = cli("gate=noisy_topk", "experts=8", *QUICK, "-m")
+    assert out.returncode == 0, out.stderr
+    (summary,) = tmp_path.glob("outputs/multiruns/*/*/0/summary.json")
+    data = json.loads(summary.read_text())
+    assert data["status"] == "completed" and "test/load_e7" in data
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["gate=nope"], "Could not find 'gate/nope'"),
+        (["experts=abc"], "experts='abc' has the wrong type: expected int"),
+        (["experts=0"], "experts=0 must be >= 1"),
+        (["k=0"], "k=0 must be >= 1"),
+        (["k=5"], "k=5 must be <= experts=4"),
+        (["optim.lr=-0.1"], "optim.lr=-0.1 must be > 0"),
+        (["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
+    ],
+)
+def test_bad_input_fails_with_a_message_not_a_traceback(cli, tmp_path, args, message):
+    out = cli(*args)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    if args != ["gate=nope"]:
+        summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+        assert summary["status"] == "failed" and message in summary["error"]
+
+
+def test_unknown_option_lists_the_available_ones(cli):
+    out = cli("gate=nope")
+    assert "Available options" in out.stderr and "noisy_topk" in out.stderr
+
+
+def test_same_seed_gives_the_same_summary(tmp_path):
+    from tests.conftest import run_cli
+
+    results = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        out = run_cli(*QUICK, "seed=7", cwd=tmp_path / name)
+        assert out.returncode == 0, out.stderr
+        data = json.loads((only_run_dir(tmp_path / name) / "summary.json").read_text())
+        results.append({k: v for k, v in data.items() if "/" in k})
+    assert results[0] == results[1]
+    assert "test/acc" in results[0]
+
+
+def test_an_installed_wheel_uses_the_packaged_configs(tmp_path):
+    """Build a real wheel, install it into a scratch folder, run it from elsewhere."""
+    repo = Path(__file__).resolve().parents[1]
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, repo],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = wheels.glob("moe_exp-*.whl")
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", site, wheel], check=True, capture_output=True
+    )
+    code = (
+        "import sys, moe_exp, moe_exp.cli as c; print('AT', moe_exp.__file__, c.config_dir());"
+        "sys.argv=['moe-exp', 'gate=topk', 'experts=6', '--cfg', 'job']; c.main()"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    location = out.stdout.split("AT ", 1)[1].split("\n", 1)[0]
+    assert location.startswith(str(site)) and str(site / "moe_exp" / "conf") in location
+    assert "experts: 6" in out.stdout and "moe_exp.moe.gates.TopKGate" in out.stdout
