@@ -6,7 +6,8 @@ once on the contiguous block of inputs routed to it, so the cost grows with k, n
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -15,20 +16,25 @@ from moe_exp.moe.balance import Regularizer
 from moe_exp.moe.routing import Routing
 
 
-def dispatch_combine(
-    x: Tensor,
-    routing: Routing,
-    experts: Sequence[nn.Module],
-    transform=None,
-) -> Tensor:
-    """y[n] = Σ_j weights[n, j] · transform(experts[indices[n, j]](x[n])).
+@runtime_checkable
+class GroupedExperts(Protocol):
+    """Experts that compute all their blocks in one call (e.g. stacked weights, batched matmul).
 
-    ``transform`` (e.g. softmax) is applied to each expert's output before mixing.
+    ``forward_grouped`` gets the inputs sorted by expert and each expert's block size, and
+    returns the outputs in the same order.
     """
+
+    num_experts: int
+
+    def forward_grouped(self, x_sorted: Tensor, counts: list[int]) -> Tensor: ...
+
+
+def sort_by_expert(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:
+    """The kept (input, expert) assignments sorted by expert: (input rows, weights, counts)."""
     n, k = routing.indices.shape
     flat_expert = routing.indices.reshape(-1)
     flat_weight = routing.weights.reshape(-1)
-    flat_input = torch.arange(n, device=x.device).repeat_interleave(k)
+    flat_input = torch.arange(n, device=flat_expert.device).repeat_interleave(k)
     keep = flat_expert >= 0  # capacity-dropped assignments carry index -1
     if not bool(keep.all()):
         flat_expert, flat_weight, flat_input = (
@@ -37,23 +43,40 @@ def dispatch_combine(
             flat_input[keep],
         )
     order = torch.argsort(flat_expert, stable=True)
-    counts = torch.bincount(flat_expert, minlength=len(experts)).tolist()
-    inputs_sorted = flat_input[order].split(counts)
-    weights_sorted = flat_weight[order].split(counts)
-    outputs, targets = [], []
-    for expert, rows, w in zip(experts, inputs_sorted, weights_sorted, strict=True):
-        if rows.numel() == 0:
-            continue
-        out = expert(x[rows])
-        if transform is not None:
-            out = transform(out)
-        outputs.append(out * w.unsqueeze(-1).to(out.dtype))
-        targets.append(rows)
-    if not outputs:
+    counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
+    return flat_input[order], flat_weight[order], counts
+
+
+def dispatch_combine(
+    x: Tensor,
+    routing: Routing,
+    experts: Sequence[nn.Module] | GroupedExperts,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """y[n] = Σ_j weights[n, j] · transform(experts[indices[n, j]](x[n])).
+
+    Each expert runs once on the block of inputs routed to it; ``transform`` (e.g. softmax)
+    is applied to each expert's output before mixing.
+    """
+    grouped = isinstance(experts, GroupedExperts)
+    rows, weights, counts = sort_by_expert(
+        routing, experts.num_experts if grouped else len(experts)
+    )
+    if rows.numel() == 0:
         raise RuntimeError("no input was routed to any expert")
-    stacked = torch.cat(outputs)
-    y = stacked.new_zeros((n, *stacked.shape[1:]))
-    return y.index_add_(0, torch.cat(targets), stacked)
+    if grouped:
+        out = experts.forward_grouped(x[rows], counts)
+    else:
+        blocks = [
+            expert(block)
+            for expert, block, c in zip(experts, x[rows].split(counts), counts, strict=True)
+            if c > 0
+        ]
+        out = torch.cat(blocks)
+    if transform is not None:
+        out = transform(out)
+    out = out * weights.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+    return out.new_zeros((x.shape[0], *out.shape[1:])).index_add_(0, rows, out)
 
 
 class MoE(nn.Module):
@@ -66,23 +89,25 @@ class MoE(nn.Module):
     def __init__(
         self,
         router: nn.Module,
-        experts: Sequence[nn.Module],
+        experts: Sequence[nn.Module] | GroupedExperts,
         regularizers: Mapping[str, Regularizer] | None = None,
-        transform=None,
+        transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
-        if len(experts) != router.num_experts:
+        grouped = isinstance(experts, GroupedExperts)
+        count = experts.num_experts if grouped else len(experts)
+        if count != router.num_experts:
             raise ValueError(
-                f"router has {router.num_experts} outputs but {len(experts)} experts were given"
+                f"router has {router.num_experts} outputs but {count} experts were given"
             )
         self.router = router
-        self.experts = nn.ModuleList(experts)
+        self.experts = experts if grouped else nn.ModuleList(experts)
         self.regularizers = nn.ModuleDict(dict(regularizers or {}))
         self.transform = transform
 
     @property
     def num_experts(self) -> int:
-        return len(self.experts)
+        return self.router.num_experts
 
     def forward(self, x: Tensor, router_input: Tensor | None = None) -> tuple[Tensor, Routing]:
         routing = self.router(x if router_input is None else router_input)
