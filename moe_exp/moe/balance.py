@@ -1,11 +1,14 @@
 """Balance regularizers: auxiliary losses computed from a routing record.
 
 Each loss is a plain function (``Routing`` in, unweighted scalar out) so it can be checked
-against a hand computation, plus a small ``nn.Module`` carrying its weight for configs.
-Fractions here sum to 1 over experts (load counts are divided by k·N).
+against a hand computation, plus a small ``nn.Module`` carrying its weight (the paper's
+default) for configs. Fractions here sum to 1 over experts: load counts are divided by their
+total (k·N minus drops), and mean router probabilities sum to 1 by construction.
 """
 
 from __future__ import annotations
+
+import math
 
 from torch import Tensor, nn
 
@@ -47,6 +50,39 @@ def switch_loss(routing: Routing) -> Tensor:
     return routing.num_experts * (f * p).sum()
 
 
+def z_loss(routing: Routing) -> Tensor:
+    """Router z-loss, mean over inputs of logsumexp(logits)² (Zoph et al. 2022, "ST-MoE",
+    eq. 5): keeps router logits small, which stabilises training (esp. in low precision)."""
+    return routing.logits.float().logsumexp(-1).square().mean()
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def load_entropy_loss(routing: Routing) -> Tensor:
+    """−H(mean_x p(x)) / log E: a bonus for spreading the batch's mean router distribution
+    over all experts; −1 (its minimum) when the mean is uniform, 0 when one expert takes all.
+
+    With :func:`gate_entropy_loss` at equal weight, the sum is −I(x; expert)/log E, the
+    mutual-information balance loss (as in Mod-Squad, Chen et al. 2023, between tasks and
+    experts): balanced overall, decisive per input.
+    """
+    e = routing.num_experts
+    if e <= 1:
+        return routing.probs.new_zeros(())
+    return -_entropy(routing.probs.float().mean(0)) / math.log(e)
+
+
+def gate_entropy_loss(routing: Routing) -> Tensor:
+    """Mean over inputs of H(p(x)) / log E: a penalty on undecided routing (sharpens each
+    input's router distribution); 0 for one-hot, 1 for uniform per-input routing."""
+    e = routing.num_experts
+    if e <= 1:
+        return routing.probs.new_zeros(())
+    return _entropy(routing.probs.float()).mean() / math.log(e)
+
+
 class Regularizer(nn.Module):
     """A weighted auxiliary loss; ``forward`` returns the unweighted value."""
 
@@ -85,3 +121,33 @@ class SwitchLoss(Regularizer):
 
     def forward(self, routing: Routing) -> Tensor:
         return switch_loss(routing)
+
+
+class ZLoss(Regularizer):
+    """ST-MoE router z-loss (Zoph et al. 2022); the paper's c_z is 0.001."""
+
+    def __init__(self, weight: float = 0.001) -> None:
+        super().__init__(weight)
+
+    def forward(self, routing: Routing) -> Tensor:
+        return z_loss(routing)
+
+
+class LoadEntropyLoss(Regularizer):
+    """Batch-level load-entropy bonus −H(mean p)/log E. No paper default: 0.01 (as Switch α)."""
+
+    def __init__(self, weight: float = 0.01) -> None:
+        super().__init__(weight)
+
+    def forward(self, routing: Routing) -> Tensor:
+        return load_entropy_loss(routing)
+
+
+class GateEntropyLoss(Regularizer):
+    """Per-input gate-entropy penalty mean H(p(x))/log E. No paper default: 0.01."""
+
+    def __init__(self, weight: float = 0.01) -> None:
+        super().__init__(weight)
+
+    def forward(self, routing: Routing) -> Tensor:
+        return gate_entropy_loss(routing)

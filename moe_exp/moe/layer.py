@@ -2,6 +2,8 @@
 
 Sparse compute: the (input, expert) assignments are sorted by expert and each expert runs
 once on the contiguous block of inputs routed to it, so the cost grows with k, not with E.
+Soft MoE records (``routing.dispatch`` set) take :func:`soft_dispatch_combine` instead:
+each expert runs once on its S slots, so the cost grows with E·S, not with N.
 """
 
 from __future__ import annotations
@@ -52,12 +54,17 @@ def dispatch_combine(
     routing: Routing,
     experts: Sequence[nn.Module] | GroupedExperts,
     transform: Callable[[Tensor], Tensor] | None = None,
+    record_predictions: bool = False,
 ) -> Tensor:
     """y[n] = Σ_j weights[n, j] · transform(experts[indices[n, j]](x[n])).
 
     Each expert runs once on the block of inputs routed to it; ``transform`` (e.g. softmax)
-    is applied to each expert's output before mixing.
+    is applied to each expert's output before mixing. A Soft MoE record goes to
+    :func:`soft_dispatch_combine`. With ``record_predictions`` (experts that are classifiers)
+    each kept assignment's predicted class is stored in ``routing.expert_predictions``.
     """
+    if routing.dispatch is not None:
+        return soft_dispatch_combine(x, routing, experts, transform)
     grouped = isinstance(experts, GroupedExperts)
     rows, weights, counts = sort_by_expert(
         routing, experts.num_experts if grouped else len(experts)
@@ -73,17 +80,54 @@ def dispatch_combine(
             if c > 0
         ]
         out = torch.cat(blocks)
+    if record_predictions:
+        expert_ids = torch.repeat_interleave(
+            torch.arange(len(counts), device=rows.device), torch.tensor(counts, device=rows.device)
+        )
+        routing.expert_predictions = (rows, expert_ids, out.detach().argmax(-1))
     if transform is not None:
         out = transform(out)
     out = out * weights.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
     return out.new_zeros((x.shape[0], *out.shape[1:])).index_add_(0, rows, out)
 
 
+def soft_dispatch_combine(
+    x: Tensor,
+    routing: Routing,
+    experts: Sequence[nn.Module] | GroupedExperts,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Soft MoE (Puigcerver et al. 2023): slots = Dᵀx, y = C · transform(expert(slot)).
+
+    ``routing.dispatch``/``combine`` are [N, E, S]; the N inputs form ``routing.groups``
+    consecutive groups, each with its own slots. Slot (g, e, s) reads Σ_{n in g} D[n, e, s]·x[n]
+    (any per-input shape, e.g. whole images), expert e runs once on its G·S slots, and
+    y[n] = Σ_{e,s} C[n, e, s]·out[g(n), e, s]. Inputs of one group are mixed with each other.
+    """
+    n, e, s = routing.dispatch.shape
+    g = routing.groups
+    dispatch = routing.dispatch.reshape(g, n // g, e * s).to(x.dtype)
+    slots = dispatch.transpose(1, 2) @ x.reshape(g, n // g, -1)  # [G, E·S, F]
+    slots = slots.view(g, e, s, -1).transpose(0, 1).reshape(e * g * s, *x.shape[1:])
+    if isinstance(experts, GroupedExperts):
+        out = experts.forward_grouped(slots, [g * s] * e)
+    else:
+        blocks = slots.split(g * s)
+        out = torch.cat([expert(block) for expert, block in zip(experts, blocks, strict=True)])
+    if transform is not None:
+        out = transform(out)
+    out_shape = out.shape[1:]
+    out = out.reshape(e, g, s, -1).transpose(0, 1).reshape(g, e * s, -1)  # back to per group
+    combine = routing.combine.reshape(g, n // g, e * s).to(out.dtype)
+    return (combine @ out).view(n, *out_shape)
+
+
 class MoE(nn.Module):
     """Router + experts + regularizers. ``forward`` returns (output, routing record).
 
     The router reads ``router_input`` when given (e.g. a separate gating network's features)
-    and ``x`` otherwise; the experts always read ``x``.
+    and ``x`` otherwise; the experts always read ``x``. ``record_predictions``: the experts
+    are classifiers, so record each one's predicted class (for per-expert accuracy).
     """
 
     def __init__(
@@ -92,8 +136,10 @@ class MoE(nn.Module):
         experts: Sequence[nn.Module] | GroupedExperts,
         regularizers: Mapping[str, Regularizer] | None = None,
         transform: Callable[[Tensor], Tensor] | None = None,
+        record_predictions: bool = False,
     ) -> None:
         super().__init__()
+        self.record_predictions = record_predictions
         grouped = isinstance(experts, GroupedExperts)
         count = experts.num_experts if grouped else len(experts)
         if count != router.num_experts:
@@ -111,7 +157,7 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, router_input: Tensor | None = None) -> tuple[Tensor, Routing]:
         routing = self.router(x if router_input is None else router_input)
-        y = dispatch_combine(x, routing, self.experts, self.transform)
+        y = dispatch_combine(x, routing, self.experts, self.transform, self.record_predictions)
         routing.aux_losses = {
             name: reg.weight * reg(routing)
             for name, reg in self.regularizers.items()

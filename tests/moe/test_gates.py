@@ -1,7 +1,22 @@
+import math
+
 import pytest
 import torch
 
-from moe_exp.moe import NoisyTopKGate, SoftmaxGate, TopKGate
+from moe_exp.moe import (
+    BASEGate,
+    BiasBalancedGate,
+    CosineGate,
+    ExpertChoiceGate,
+    HashGate,
+    HierarchicalGate,
+    NoisyTopKGate,
+    SoftmaxGate,
+    SoftMoEGate,
+    SwitchGate,
+    TopKGate,
+)
+from moe_exp.moe.gates import balanced_assignment
 
 N, D, E = 32, 8, 6
 
@@ -74,3 +89,294 @@ def test_noisy_topk_smooth_load_matches_hand_computation():
 def test_bad_k_is_rejected(k):
     with pytest.raises(ValueError, match="k must be in"):
         TopKGate(D, E, k=k)
+
+
+# --- every router -------------------------------------------------------------------------
+
+GATES = {
+    "topk": lambda: TopKGate(D, E, k=2),
+    "noisy_topk": lambda: NoisyTopKGate(D, E, k=2),
+    "switch": lambda: SwitchGate(D, E),
+    "expert_choice": lambda: ExpertChoiceGate(D, E, capacity_factor=2.0),
+    "soft": lambda: SoftMoEGate(D, E, slots_per_expert=2),
+    "hash": lambda: HashGate(D, E, k=2),
+    "base": lambda: BASEGate(D, E),
+    "bias_balanced": lambda: BiasBalancedGate(D, E, k=2),
+    "cosine": lambda: CosineGate(D, E, k=2),
+    "hierarchical": lambda: HierarchicalGate(D, E, k=2, num_groups=2, k_group=2),
+}
+# combine weights that form a distribution over each input's experts
+NORMALISED = {"topk", "noisy_topk", "soft", "hash", "bias_balanced", "cosine", "hierarchical"}
+
+
+def make(name):
+    torch.manual_seed(0)
+    gate = GATES[name]()
+    if name == "noisy_topk":
+        torch.nn.init.normal_(gate.proj.weight)
+    return gate
+
+
+@pytest.mark.parametrize("name", GATES)
+def test_router_record_shapes_and_weights(name):
+    r = make(name).train()(torch.randn(N, D))
+    k = r.k
+    assert r.logits.shape == r.probs.shape == (N, E)
+    assert r.indices.shape == r.weights.shape == (N, k) and r.indices.dtype == torch.long
+    assert r.indices.min() >= -1 and r.indices.max() < E
+    assert (r.weights >= 0).all() and (r.weights <= 1 + 1e-6).all()
+    assert (r.weights[r.indices < 0] == 0).all()
+    torch.testing.assert_close(r.probs.sum(-1), torch.ones(N))
+    if name in NORMALISED:
+        torch.testing.assert_close(r.weights.sum(-1), torch.ones(N))
+    kept = r.indices.masked_fill(r.indices < 0, E)  # an expert appears at most once per input
+    assert all(len(set(row) - {E}) == sum(v != E for v in row) for row in kept.tolist())
+
+
+@pytest.mark.parametrize("name", ["topk", "noisy_topk", "switch", "base", "cosine"])
+def test_evaluation_keeps_the_k_largest_logits(name):
+    r = make(name).eval()(torch.randn(N, D))
+    expected = r.logits.topk(r.k, dim=-1).indices
+    assert torch.equal(r.indices.sort(-1).values, expected.sort(-1).values)
+
+
+@pytest.mark.parametrize("name", GATES)
+def test_gradients_reach_every_router_parameter(name):
+    gate = make(name).train()
+    r = gate(torch.randn(N, D))
+    coef = torch.randn_like(r.weights)
+    loss = (coef * r.weights).sum()
+    if r.dispatch is not None:
+        loss = loss + (torch.randn_like(r.dispatch) * r.dispatch).sum()
+    params = dict(gate.named_parameters())
+    if name == "hash":
+        assert not params and not r.weights.requires_grad
+        return
+    grads = torch.autograd.grad(loss, list(params.values()))
+    for (pname, _), g in zip(params.items(), grads, strict=True):
+        assert g.abs().sum() > 0, f"no gradient reached {pname}"
+
+
+@pytest.mark.parametrize("name", GATES)
+def test_eval_routing_is_deterministic(name):
+    gate = make(name)
+    x = torch.randn(N, D)
+    gate.train()(x)  # hash: sets the centre; bias_balanced: moves the bias once
+    gate.eval()
+    buffers = {n: b.clone() for n, b in gate.named_buffers()}
+    a, b = gate(x), gate(x)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
+    for n, buf in gate.named_buffers():
+        assert torch.equal(buf, buffers[n]), f"buffer {n} changed in eval"
+
+
+@pytest.mark.parametrize("name", ["topk", "noisy_topk", "switch", "hash", "bias_balanced"])
+def test_capacity_limit_drops_and_counts(name):
+    gate = GATES[name]()
+    gate.capacity_factor = 0.5
+    r = gate.eval()(torch.randn(N, D))
+    capacity = math.ceil(0.5 * r.k * N / E)
+    assert r.capacity == capacity and (r.load() <= capacity).all()
+    assert r.dropped == N * r.k - int(r.load().sum()) > 0
+    assert r.dropped_fraction == r.dropped / (N * r.k)
+
+
+def test_capacity_drops_by_hand_with_topk():
+    gate = TopKGate(3, 3, k=1, capacity_factor=0.75)  # capacity ceil(0.75·1·4/3) = 1
+    identity(gate.proj)
+    h = torch.tensor([[3.0, 0, 0], [2.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0]])
+    r = gate(h)
+    assert r.indices.view(-1).tolist() == [0, -1, 1, -1] and r.dropped == 2
+    assert r.weights.view(-1).tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def identity(linear):
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(linear.out_features, linear.in_features))
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
+# --- switch ---------------------------------------------------------------------------------
+
+
+def test_switch_is_top1_weighted_by_router_probability():
+    gate = SwitchGate(D, E).eval()
+    x = torch.randn(N, D)
+    r = gate(x)
+    torch.testing.assert_close(r.logits, gate.proj(x))
+    assert torch.equal(r.indices[:, 0], r.logits.argmax(-1))
+    torch.testing.assert_close(r.weights[:, 0], r.logits.softmax(-1).max(-1).values)
+
+
+def test_switch_jitters_the_router_input_in_training_only():
+    x = torch.randn(N, D)
+    torch.manual_seed(0)
+    gate = SwitchGate(D, E, jitter=0.1).train()
+    torch.manual_seed(1)
+    jittered = gate(x).logits
+    torch.manual_seed(1)
+    noise = torch.empty_like(x).uniform_(0.9, 1.1)
+    torch.testing.assert_close(jittered, gate.proj(x * noise))
+    assert not torch.allclose(jittered, gate.proj(x))
+    torch.testing.assert_close(gate.eval()(x).logits, gate.proj(x))
+
+
+def test_switch_router_runs_in_float32_under_autocast():
+    gate = SwitchGate(D, E)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = gate(torch.randn(N, D).bfloat16())
+    assert r.logits.dtype == r.weights.dtype == torch.float32
+
+
+# --- expert choice --------------------------------------------------------------------------
+
+
+def test_expert_choice_each_expert_takes_exactly_c_inputs():
+    r = ExpertChoiceGate(D, E, capacity_factor=2.0)(torch.randn(N, D))
+    c = math.ceil(2.0 * N / E)  # 11
+    assert r.capacity == c and r.load().tolist() == [float(c)] * E
+    assert int(r.experts_per_input().sum()) == c * E and r.dropped == 0
+
+
+def test_expert_choice_by_hand():
+    gate = ExpertChoiceGate(3, 3, capacity_factor=1.0)  # C = ceil(1·3/3) = 1
+    identity(gate.proj)
+    h = torch.tensor([[2.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    p = h.softmax(-1)  # experts 0 and 1 both prefer input 0; expert 2 prefers input 2
+    r = gate(h)
+    assert r.indices.tolist() == [[0, 1, -1], [-1, -1, -1], [-1, -1, 2]]
+    assert r.experts_per_input().tolist() == [2, 0, 1]
+    expected = torch.zeros(3, 3)
+    expected[0, :2], expected[2, 2] = p[0, :2], p[2, 2]
+    torch.testing.assert_close(r.weights, expected)
+
+
+# --- soft MoE -------------------------------------------------------------------------------
+
+
+def test_soft_moe_dispatch_and_combine_by_hand():
+    gate = SoftMoEGate(2, 2, slots_per_expert=1)
+    identity(gate.proj)  # slot logits = h
+    h = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])
+    r = gate(h)
+    e = h.exp()
+    torch.testing.assert_close(r.dispatch[..., 0], e / e.sum(0, keepdim=True))  # over inputs
+    torch.testing.assert_close(r.combine[..., 0], e / e.sum(1, keepdim=True))  # over slots
+    torch.testing.assert_close(r.probs, r.combine.sum(-1))
+    torch.testing.assert_close(r.probs, r.logits.softmax(-1))
+    torch.testing.assert_close(r.load(), r.combine.sum((0, 2)))
+    assert r.is_soft and r.indices.tolist() == [[0, 1]] * 3
+
+
+# --- hash -----------------------------------------------------------------------------------
+
+
+def test_hash_routing_is_a_fixed_seeded_projection_of_the_centred_input():
+    a, b, c = HashGate(D, E, k=2, seed=3), HashGate(D, E, seed=3), HashGate(D, E, seed=4)
+    assert not list(a.parameters())
+    assert torch.equal(a.projection, b.projection) and not torch.equal(a.projection, c.projection)
+    x = torch.randn(N, D, requires_grad=True) + 5.0
+    r = a.train()(x)
+    torch.testing.assert_close(a.center, x.detach().mean(0))  # first batch sets the centre
+    scores = (x.detach() - x.detach().mean(0)) @ a.projection
+    assert torch.equal(r.indices, scores.topk(2).indices)
+    assert (r.weights == 0.5).all() and not r.logits.requires_grad
+
+
+# --- BASE -----------------------------------------------------------------------------------
+
+
+def test_base_training_gives_every_expert_exactly_n_over_e_inputs():
+    gate = BASEGate(D, 4).train()
+    torch.nn.init.normal_(gate.proj.weight, std=3.0)  # skewed scores: greedy would not balance
+    r = gate(torch.randn(32, D))
+    assert r.load().tolist() == [8.0] * 4
+    torch.testing.assert_close(r.weights, r.logits.gather(1, r.indices).sigmoid())
+
+
+def test_base_assignment_is_the_best_balanced_one():
+    from itertools import permutations
+
+    scores = torch.tensor([[5.0, 4.0], [4.0, 0.0], [3.0, 1.0], [0.0, 2.0]])
+    best = max(
+        set(permutations([0, 0, 1, 1])),
+        key=lambda a: sum(float(scores[i, e]) for i, e in enumerate(a)),
+    )  # (1, 0, 0, 1): input 0 yields expert 0 to inputs 1 and 2
+    assert tuple(balanced_assignment(scores).tolist()) == best == (1, 0, 0, 1)
+
+
+def test_base_evaluation_is_greedy_top1():
+    gate = BASEGate(D, E, weighting="softmax").eval()
+    r = gate(torch.randn(N, D))
+    assert torch.equal(r.indices[:, 0], r.logits.argmax(-1))
+    torch.testing.assert_close(r.weights[:, 0], r.probs.max(-1).values)
+
+
+# --- bias-balanced (aux-loss-free) ----------------------------------------------------------
+
+
+def test_bias_moves_by_gamma_sign_after_a_training_forward_and_freezes_in_eval():
+    gate = BiasBalancedGate(4, 4, k=1, bias_update_rate=0.1)
+    identity(gate.proj)
+    h = torch.tensor([[3.0, 0, 0, 0], [2.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    r = gate.train()(h)  # loads [3, 1, 0, 0], mean 1 -> sign(mean - load) = [-1, 0, 1, 1]
+    assert r.indices.view(-1).tolist() == [0, 0, 0, 1]
+    torch.testing.assert_close(gate.bias, torch.tensor([-0.1, 0.0, 0.1, 0.1]))
+    gate.eval()(h)
+    torch.testing.assert_close(gate.bias, torch.tensor([-0.1, 0.0, 0.1, 0.1]))
+    gate.update_bias(r)  # the explicit update, same rule
+    torch.testing.assert_close(gate.bias, torch.tensor([-0.2, 0.0, 0.2, 0.2]))
+
+
+def test_bias_selects_but_unbiased_scores_weigh():
+    gate = BiasBalancedGate(3, 3, k=2, update_in_forward=False).train()
+    identity(gate.proj)
+    gate.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    h = torch.tensor([[2.0, 1.0, -1.0]])
+    r = gate(h)
+    assert sorted(r.indices.view(-1).tolist()) == [0, 2]
+    s = h.sigmoid()[0]
+    torch.testing.assert_close(r.weights.view(-1), torch.stack([s[2], s[0]]) / (s[0] + s[2]))
+    assert torch.equal(gate.bias, torch.tensor([0.0, 0.0, 10.0]))  # no update asked for
+
+
+# --- cosine ---------------------------------------------------------------------------------
+
+
+def test_cosine_logits_by_hand_and_temperature_clamp():
+    gate = CosineGate(2, 3, k=1, dim=2, temperature=0.5)
+    identity(gate.proj)
+    with torch.no_grad():
+        gate.expert_embeddings.copy_(torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]))
+    r = gate(torch.tensor([[4.0, 0.0]]))
+    torch.testing.assert_close(r.logits, torch.tensor([[1.0, 0.0, 2**-0.5]]) / 0.5)
+    with torch.no_grad():
+        gate.temperature.fill_(1e-4)
+    assert gate(torch.randn(5, 2)).logits.abs().max() <= 1 / gate.min_temperature + 1e-3
+
+
+# --- hierarchical ---------------------------------------------------------------------------
+
+
+def test_hierarchical_weight_is_product_of_levels():
+    gate = HierarchicalGate(D, E, k=2, num_groups=3, k_group=2)  # 3 groups of 2 experts
+    x = torch.randn(N, D)
+    r = gate(x)
+    gl, el = gate.group_proj(x), gate.proj(x).view(N, 3, 2)
+    for n in range(4):
+        top = gl[n].topk(2)
+        gw = top.values.softmax(-1)
+        for g, w in zip(top.indices.tolist(), gw, strict=True):
+            ew = el[n, g].softmax(-1)  # k = 2 of 2: both experts of the group, softmax
+            for e in range(2):
+                j = r.indices[n].tolist().index(2 * g + e)
+                torch.testing.assert_close(r.weights[n, j], w * ew[e])
+    assert r.k == gate.k == 4
+    p = gl.softmax(-1).unsqueeze(-1) * el.softmax(-1)
+    torch.testing.assert_close(r.probs, p.flatten(1))
+
+
+def test_hierarchical_rejects_groups_that_do_not_divide_experts():
+    with pytest.raises(ValueError, match=r"num_groups=4 must divide num_experts=6 \(valid: 1, 2"):
+        HierarchicalGate(D, 6, num_groups=4)
