@@ -3,6 +3,13 @@
 ``MixtureClassifier`` is the classic mixture of Jacobs et al. (1991): each expert is a whole
 image classifier, a separate small gating network reads the image and routes it, and the
 combiner mixes the chosen experts' outputs with the gate weights.
+
+``VisionMoE`` puts MoE layers inside a small vision transformer, routing patch tokens
+(Riquelme et al. 2021, "Scaling vision with sparse mixture of experts").
+
+Both take the keywords ``run.build_components`` passes (in_shape, num_classes, num_experts,
+expert, router, regularizers), return (log-probabilities, [Routing per MoE layer]) and
+report ``parameter_counts()``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_exp.moe import MoE, Regularizer, Routing
+from moe_exp.moe.bank import ACTIVATIONS, MLPExpertBank
+from moe_exp.moe.experts import attach_experts, build_experts, first_kind
 
 COMBINES = ("probs", "logits")
 
@@ -49,6 +58,24 @@ class MixtureClassifier(nn.Module):
     ``combine="probs"`` mixes the experts' class distributions, p(y|x) = Σ g_i p_i(y|x),
     the competitive mixture of Jacobs et al. (1991) that rewards specialisation;
     ``combine="logits"`` mixes raw logits (cooperative, as in most sparse MoE layers).
+    In probs mode, weight an input's gates leave unassigned (Switch's top-1 weight p_i < 1,
+    expert choice, capacity drops) goes to the uniform distribution:
+    p = Σ g_i p_i + (1 − Σ g_i)/C. The mixture stays a distribution, an input no expert took
+    gets the uniform one, and a top-1 router keeps its task gradient (a larger g_i helps
+    exactly when expert i beats chance on the label), as Switch's scaling by p_i intends.
+
+    ``expert`` is a partial building one expert from (in_shape, num_outputs), or a
+    :func:`~moe_exp.moe.experts.mixed` partial building all of them (its counts must sum to
+    ``num_experts``).
+
+    ``shared_experts`` (DeepSeekMoE, Dai et al. 2024) adds S always-on experts of the same
+    kind (a mixed expert's first kind) that see every input, outside the router: with
+    ``combine="logits"`` their logits are added with weight 1, z = Σ g_i z_i + Σ_s z_s; with
+    ``combine="probs"`` the routed mixture and each shared expert get equal
+    weight, p = (routed mixture + Σ_s p_s) / (1 + S), so p stays a distribution.
+
+    Regularizers that declare ``needs_experts`` (e.g. the soft trees' ``tree_balance``) are
+    handed the routed experts.
     """
 
     def __init__(
@@ -62,21 +89,28 @@ class MixtureClassifier(nn.Module):
         gate_width: int = 16,
         combine: str = "probs",
         channels_last: bool = True,
+        shared_experts: int = 0,
     ) -> None:
         super().__init__()
         if combine not in COMBINES:
             raise ValueError(f"combine={combine!r} is not one of {', '.join(COMBINES)}")
+        if shared_experts < 0:
+            raise ValueError(f"model.shared_experts={shared_experts} must be >= 0")
         self.combine = combine
         self.channels_last = channels_last and len(in_shape) == 3
         self.gate_encoder = GateEncoder(in_shape, gate_width)
-        experts = [
-            expert(in_shape=tuple(in_shape), num_outputs=num_classes) for _ in range(num_experts)
-        ]
+        experts = build_experts(expert, num_experts, in_shape, num_classes)
+        self.shared = nn.ModuleList(
+            first_kind(expert)(in_shape=tuple(in_shape), num_outputs=num_classes)
+            for _ in range(shared_experts)
+        )
+        attach_experts(regularizers, experts)
         self.moe = MoE(
             router(in_features=self.gate_encoder.out_features, num_experts=num_experts),
             experts,
             regularizers,
             transform=(lambda z: z.softmax(-1)) if combine == "probs" else None,
+            record_predictions=True,
         )
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
@@ -86,17 +120,196 @@ class MixtureClassifier(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         mixed, routing = self.moe(x, router_input=self.gate_encoder(x))
         if self.combine == "probs":
+            mixed = _fill_to_uniform(mixed)
+            if len(self.shared):
+                shared = sum(e(x).softmax(-1) for e in self.shared)
+                mixed = (mixed + shared) / (1 + len(self.shared))
             log_probs = mixed.clamp_min(1e-12).log()
         else:
+            if len(self.shared):
+                mixed = mixed + sum(e(x) for e in self.shared)
             log_probs = F.log_softmax(mixed, dim=-1)
         return log_probs, [routing]
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total parameters, and those active for one input (shared parts + k experts)."""
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        total = count(self)
-        per_expert = [count(e) for e in self.moe.experts]
-        shared = total - sum(per_expert)
+        """Total parameters, and those active for one input: the gate, the shared experts and
+        k routed experts (k times the mean routed expert, for a mixed set)."""
+        total = _count(self)
+        per_expert = [_count(e) for e in self.moe.experts]
+        always = total - sum(per_expert)
         k = self.moe.router.k
-        active = shared + round(k * sum(per_expert) / len(per_expert))
+        active = always + round(k * sum(per_expert) / len(per_expert))
         return {"params_total": total, "params_active": active}
+
+
+def _fill_to_uniform(mixed: Tensor) -> Tensor:
+    """Σ g_i p_i + (1 − Σ g_i)/C: the gates' unassigned weight goes to the uniform distribution."""
+    leftover = (1.0 - mixed.sum(-1, keepdim=True)).clamp_min(0.0)
+    return mixed + leftover / mixed.shape[-1]
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class MoEBlock(nn.Module):
+    """A pre-norm transformer block whose MLP is either dense or an MoE layer over tokens.
+
+    The MoE variant routes every token on its own (``router`` reads the normalised token)
+    to k experts of an :class:`~moe_exp.moe.bank.MLPExpertBank`; ``shared_hidden`` > 0 adds
+    an always-on dense MLP of that width (S shared experts of width h sum to one MLP of
+    width S·h exactly).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        hidden: int,
+        activation: str,
+        dropout: float,
+        moe: MoE | None = None,
+        shared_hidden: int = 0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.moe = moe
+        self.mlp = None if moe is not None else _mlp(dim, hidden, activation, dropout)
+        self.shared = _mlp(dim, shared_hidden, activation, dropout) if shared_hidden else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Routing | None]:
+        h = self.norm1(x)
+        x = x + self.drop(self.attn(h, h, h, need_weights=False)[0])
+        h = self.norm2(x)
+        routing = None
+        if self.moe is None:
+            y = self.mlp(h)
+        else:
+            tokens = h.reshape(-1, h.shape[-1])
+            y, routing = self.moe(tokens)
+            if self.shared is not None:
+                y = y + self.shared(tokens)
+            y = y.view_as(h)
+        return x + self.drop(y), routing
+
+
+def _mlp(dim: int, hidden: int, activation: str, dropout: float) -> nn.Module:
+    act = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}[activation]
+    return nn.Sequential(nn.Linear(dim, hidden), act(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+
+class VisionMoE(nn.Module):
+    """A small V-MoE (Riquelme et al. 2021): a vision transformer over patch tokens whose
+    MLP is an MoE layer in every ``moe_every``-th block (blocks moe_every−1, 2·moe_every−1,
+    …; the paper's "every other layer" is moe_every=2).
+
+    patch×patch patches → linear embedding of width ``dim`` + learned position embedding →
+    ``depth`` pre-norm transformer blocks → layer norm, mean over tokens → linear head.
+    Each MoE layer's experts are one :class:`~moe_exp.moe.bank.MLPExpertBank` of
+    ``num_experts`` MLPs dim → ``expert_hidden`` (default: the dense MLP width,
+    ``mlp_ratio``·dim) → dim with ``expert_dropout`` on their hidden units (Switch
+    Transformers' expert dropout; ``dropout`` is used elsewhere); its router is the
+    configured gate with in_features = dim, routing each token. The ``expert`` partial of
+    the config (a whole-image classifier) does not fit inside a block and is ignored.
+    ``shared_experts`` adds S always-on MLP experts per MoE layer (DeepSeekMoE), summed
+    with weight 1. Returns (log-probabilities, [Routing per MoE layer]).
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        num_classes: int,
+        num_experts: int,
+        expert: Callable[..., nn.Module] | None,
+        router: Callable[..., nn.Module],
+        regularizers: Mapping[str, Regularizer] | None = None,
+        patch: int = 4,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        expert_hidden: int | None = None,
+        moe_every: int = 2,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        expert_dropout: float = 0.0,
+        shared_experts: int = 0,
+    ) -> None:
+        super().__init__()
+        del expert  # whole-image experts do not fit in a token MLP: the bank replaces them
+        if len(in_shape) != 3:
+            raise ValueError(f"model=vmoe needs images (C, H, W), got in_shape={tuple(in_shape)}")
+        c, height, width = in_shape
+        if not 1 <= patch <= min(height, width):
+            raise ValueError(f"model.patch={patch} must be in [1, {min(height, width)}]")
+        if not 1 <= moe_every <= depth:
+            raise ValueError(
+                f"model.moe_every={moe_every} must be in [1, depth={depth}] "
+                "(at least one MoE block)"
+            )
+        if dim % heads:
+            raise ValueError(f"model.dim={dim} must be divisible by model.heads={heads}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"model.activation={activation!r} is not one of {', '.join(ACTIVATIONS)}"
+            )
+        if shared_experts < 0:
+            raise ValueError(f"model.shared_experts={shared_experts} must be >= 0")
+        hidden = max(1, round(mlp_ratio * dim))
+        expert_hidden = expert_hidden or hidden
+        self.moe_every = moe_every
+        self.embed = nn.Conv2d(c, dim, patch, stride=patch)
+        tokens = (height // patch) * (width // patch)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, dim))
+        self.drop = nn.Dropout(dropout)
+        blocks = []
+        for i in range(depth):
+            moe = None
+            if (i + 1) % moe_every == 0:
+                bank = MLPExpertBank(
+                    num_experts, dim, expert_hidden, dim, activation, dropout=expert_dropout
+                )
+                moe = MoE(router(in_features=dim, num_experts=num_experts), bank, regularizers)
+            blocks.append(
+                MoEBlock(
+                    dim,
+                    heads,
+                    hidden,
+                    activation,
+                    dropout,
+                    moe=moe,
+                    shared_hidden=shared_experts * expert_hidden if moe is not None else 0,
+                )
+            )
+        self.blocks = nn.ModuleList(blocks)
+        attach_experts(regularizers, [moe.experts for moe in self.moe_layers])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.moe for b in self.blocks if b.moe is not None]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Routing]]:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # [B, T, dim]
+        h = self.drop(tokens + self.pos)
+        routings = []
+        for block in self.blocks:
+            h, routing = block(h)
+            if routing is not None:
+                routings.append(routing)
+        logits = self.head(self.norm(h).mean(1))
+        return F.log_softmax(logits, dim=-1), routings
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters, and those active for one token: all but the expert banks, plus
+        k/E of each bank (the router's k; E for a dense gate)."""
+        total = _count(self)
+        active = float(total)
+        for moe in self.moe_layers:
+            bank = _count(moe.experts)
+            active -= bank * (1 - moe.router.k / moe.num_experts)
+        return {"params_total": total, "params_active": round(active)}

@@ -5,39 +5,90 @@
 """
 
 from moe_exp.moe.balance import (
+    GateEntropyLoss,
     ImportanceLoss,
+    LoadEntropyLoss,
     LoadLoss,
     Regularizer,
     SwitchLoss,
+    ZLoss,
     cv_squared,
+    gate_entropy_loss,
     importance_loss,
+    load_entropy_loss,
     load_loss,
     switch_loss,
+    z_loss,
 )
-from moe_exp.moe.experts import CNNExpert, MLPExpert
-from moe_exp.moe.gates import NoisyTopKGate, Router, SoftmaxGate, TopKGate
-from moe_exp.moe.layer import MoE, dispatch_combine
-from moe_exp.moe.routing import Routing
+from moe_exp.moe.bank import MLPExpertBank
+from moe_exp.moe.experts import (
+    CNNExpert,
+    LinearExpert,
+    MLPExpert,
+    ResNetExpert,
+    SoftTreeExpert,
+    TreeBalanceLoss,
+    mixed,
+)
+from moe_exp.moe.gates import (
+    BASEGate,
+    BiasBalancedGate,
+    CosineGate,
+    ExpertChoiceGate,
+    HashGate,
+    HierarchicalGate,
+    NoisyTopKGate,
+    Router,
+    SoftmaxGate,
+    SoftMoEGate,
+    SwitchGate,
+    TopKGate,
+)
+from moe_exp.moe.layer import MoE, dispatch_combine, soft_dispatch_combine
+from moe_exp.moe.routing import Routing, expert_capacity, limit_capacity
 from moe_exp.moe.stats import RoutingStats, balance_metrics
 
 __all__ = [
+    "BASEGate",
+    "BiasBalancedGate",
     "CNNExpert",
+    "CosineGate",
+    "ExpertChoiceGate",
+    "GateEntropyLoss",
+    "HashGate",
+    "HierarchicalGate",
     "ImportanceLoss",
+    "LinearExpert",
+    "LoadEntropyLoss",
     "LoadLoss",
     "MLPExpert",
+    "MLPExpertBank",
     "MoE",
     "NoisyTopKGate",
     "Regularizer",
+    "ResNetExpert",
     "Router",
     "Routing",
     "RoutingStats",
+    "SoftMoEGate",
+    "SoftTreeExpert",
     "SoftmaxGate",
+    "SwitchGate",
     "SwitchLoss",
     "TopKGate",
+    "TreeBalanceLoss",
+    "ZLoss",
     "balance_metrics",
     "cv_squared",
     "dispatch_combine",
+    "expert_capacity",
+    "gate_entropy_loss",
     "importance_loss",
+    "limit_capacity",
+    "load_entropy_loss",
     "load_loss",
+    "mixed",
+    "soft_dispatch_combine",
     "switch_loss",
+    "z_loss",
 ]

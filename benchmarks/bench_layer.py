@@ -1,0 +1,263 @@
+"""Benchmark the MoE layer against a dense MLP of equal active FLOPs.
+
+MoE: top-k gate + ``MLPExpertBank`` (d → hidden → d, GELU), N tokens, no capacity limit.
+Ideal dense: one MLP d → k·hidden → d on the same N tokens (the same matmul FLOPs as k
+experts per token). Forward + backward (the input requires grad, as inside a network),
+the two interleaved in one process (A B A B ...), medians over repeats. The ratio
+MoE/dense is what routing costs: the router matmul, top-k, the argsort, the gather x[rows],
+the weighting and the index_add scatter, and E smaller matmuls instead of one big one.
+``--profile`` breaks each MoE point's time down by op kind (torch.profiler, self CPU time).
+
+Also measures tokens/s of every router class in ``moe_exp.moe.gates`` at E=16 (found by
+introspection; a class whose constructor does not take (in_features, num_experts[, k]) is
+skipped, and listed as such).
+
+Prints tables and writes outputs/benchmarks/bench_layer.json. glibc's malloc unmaps and
+remaps big freed tensors every iteration, which distorts neighbouring measurements, so the
+script re-executes itself with MALLOC_MMAP_MAX_=0 and a large MALLOC_TRIM_THRESHOLD_ when
+they are unset (DESIGN.md, "Benchmarks").
+
+    python benchmarks/bench_layer.py                 # full grid, torch's default threads
+    python benchmarks/bench_layer.py --threads 1 --profile
+    python benchmarks/bench_layer.py --quick         # seconds: a smoke test of the script
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler's start/stop lines
+
+if __name__ == "__main__" and any(os.environ.get(k) is None for k in MALLOC_ENV):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
+
+import argparse  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from moe_exp.moe import gates  # noqa: E402
+from moe_exp.moe.bank import MLPExpertBank  # noqa: E402
+from moe_exp.moe.gates import TopKGate  # noqa: E402
+from moe_exp.moe.layer import MoE  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = {"d": 256, "hidden": 512, "tokens": 4096, "experts": [4, 8, 16, 32, 64], "ks": [1, 2]}
+QUICK = {"d": 32, "hidden": 64, "tokens": 256, "experts": [4, 16], "ks": [1, 2]}
+GATE_EXPERTS = 16
+OP_KINDS = {  # profiler op name fragments → kind, first match wins
+    "matmul": ("addmm", "mm", "bmm", "linear", "matmul"),
+    "top-k / sort": ("topk", "sort", "argsort", "bincount", "repeat_interleave"),
+    "gather / scatter": ("index", "gather", "scatter", "embedding"),
+    "activation": ("gelu", "relu", "silu", "softmax"),
+}
+
+
+def dense_mlp(d: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+
+def moe_layer(gate: nn.Module, d: int, hidden: int, experts: int) -> MoE:
+    return MoE(gate, MLPExpertBank(experts, d, hidden, d, activation="gelu"))
+
+
+def step(module: nn.Module, x: Tensor, grad: Tensor) -> None:
+    """One forward + backward; gradients are dropped first (as zero_grad(set_to_none))."""
+    x.grad = None
+    for p in module.parameters():
+        p.grad = None
+    out = module(x)
+    y = out[0] if isinstance(out, tuple) else out
+    y.backward(grad)
+
+
+def interleaved(fns: dict[str, callable], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Run the callables in turn (A B A B ...) and return each one's timed seconds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def op_breakdown(fn: callable, iterations: int = 2) -> dict[str, float]:
+    """Fraction of self CPU time per op kind over a few profiled calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iterations):
+            fn()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        name = event.key.removeprefix("aten::")
+        if not event.key.startswith("aten::"):
+            continue
+        kind = next((k for k, frags in OP_KINDS.items() if any(f in name for f in frags)), "other")
+        totals[kind] += event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {kind: totals[kind] / whole for kind in [*OP_KINDS, "other"]}
+
+
+def layer_grid(cfg: dict, repeats: int, warmup: int, profile: bool) -> list[dict]:
+    d, hidden, n = cfg["d"], cfg["hidden"], cfg["tokens"]
+    rows = []
+    torch.manual_seed(0)
+    x = torch.randn(n, d, requires_grad=True)
+    grad = torch.randn(n, d)
+    for k in cfg["ks"]:
+        for e in cfg["experts"]:
+            torch.manual_seed(0)
+            moe = moe_layer(TopKGate(d, e, k=k), d, hidden, e)
+            dense = dense_mlp(d, k * hidden)
+            times = interleaved(
+                {"moe": lambda m=moe: step(m, x, grad), "dense": lambda m=dense: step(m, x, grad)},
+                repeats,
+                warmup,
+            )
+            moe_s, dense_s = statistics.median(times["moe"]), statistics.median(times["dense"])
+            paired = statistics.median(
+                a / b for a, b in zip(times["moe"], times["dense"], strict=True)
+            )
+            row = {
+                "experts": e,
+                "k": k,
+                "moe_ms": 1e3 * moe_s,
+                "dense_ms": 1e3 * dense_s,
+                "ratio": moe_s / dense_s,
+                "paired_ratio": paired,
+                "moe_tokens_per_s": n / moe_s,
+            }
+            if profile:
+                row["moe_time_by_op"] = op_breakdown(lambda m=moe: step(m, x, grad))
+            rows.append(row)
+            print(
+                f"  E={e:3d} k={k}  moe {row['moe_ms']:8.2f} ms  dense {row['dense_ms']:8.2f} ms"
+                f"  ratio {row['ratio']:.3f}  (paired {paired:.3f})",
+                flush=True,
+            )
+    return rows
+
+
+def router_classes() -> list[type]:
+    return [
+        cls
+        for _, cls in inspect.getmembers(gates, inspect.isclass)
+        if cls.__module__ == gates.__name__
+        and issubclass(cls, nn.Module)
+        and cls.forward is not nn.Module.forward  # a base class without routing of its own
+    ]
+
+
+def make_gate(cls: type, d: int, e: int, k: int) -> nn.Module:
+    """Construct with (d, E, k=k), else (d, E); TypeError if neither fits."""
+    try:
+        return cls(d, e, k=k)
+    except TypeError:
+        return cls(d, e)
+
+
+def gate_throughput(cfg: dict, repeats: int, warmup: int) -> list[dict]:
+    """Tokens/s of forward+backward of the MoE layer with each router at E=16, k=2."""
+    d, hidden, n, e, k = cfg["d"], cfg["hidden"], cfg["tokens"], GATE_EXPERTS, 2
+    x = torch.randn(n, d, requires_grad=True)
+    grad = torch.randn(n, d)
+    layers, rows = {}, []
+    for cls in router_classes():
+        torch.manual_seed(0)
+        try:
+            layer = moe_layer(make_gate(cls, d, e, k), d, hidden, e).train()
+            step(layer, x, grad)  # does it run at all?
+            layers[cls.__name__] = layer
+        except Exception as err:  # report every failure, keep going
+            rows.append({"gate": cls.__name__, "skipped": f"{type(err).__name__}: {err}"})
+    times = interleaved(
+        {name: (lambda m=m: step(m, x, grad)) for name, m in layers.items()}, repeats, warmup
+    )
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        rows.append({"gate": name, "ms": 1e3 * median, "tokens_per_s": n / median})
+    for row in sorted(rows, key=lambda r: r["gate"]):
+        if "skipped" in row:
+            print(f"  {row['gate']:<18} skipped ({row['skipped'][:90]})")
+        else:
+            print(f"  {row['gate']:<18} {row['ms']:8.2f} ms  {row['tokens_per_s']:10.0f} tokens/s")
+    return sorted(rows, key=lambda r: r["gate"])
+
+
+def print_breakdown(rows: list[dict]) -> None:
+    kinds = [*OP_KINDS, "other"]
+    print("\nMoE time by op kind (share of self CPU time, profiled):")
+    print("  E   k  " + "  ".join(f"{k:>16}" for k in kinds))
+    for row in rows:
+        shares = row["moe_time_by_op"]
+        cells = "  ".join(f"{100 * shares[k]:15.1f}%" for k in kinds)
+        print(f"  {row['experts']:<3d} {row['k']}  {cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per point")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
+    parser.add_argument("--profile", action="store_true", help="time by op kind per MoE point")
+    parser.add_argument("--no-gates", action="store_true", help="skip the per-router throughput")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs/benchmarks/bench_layer.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = QUICK if args.quick else FULL
+    repeats = args.repeats or (3 if args.quick else 11)
+    print(
+        f"MoE layer vs dense MLP of equal active FLOPs: d={cfg['d']} hidden={cfg['hidden']} "
+        f"N={cfg['tokens']} threads={torch.get_num_threads()} repeats={repeats} "
+        f"(MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_')})",
+        flush=True,
+    )
+    grid = layer_grid(cfg, repeats, args.warmup, args.profile)
+    if args.profile:
+        print_breakdown(grid)
+    gate_rows = []
+    if not args.no_gates:
+        print(f"\nRouters at E={GATE_EXPERTS}, k=2 (forward+backward of the MoE layer):")
+        gate_rows = gate_throughput(cfg, repeats, args.warmup)
+
+    print("\n  E   k=1 ratio  k=2 ratio")
+    by = {(r["experts"], r["k"]): r["ratio"] for r in grid}
+    for e in cfg["experts"]:
+        cells = "  ".join(f"{by[(e, k)]:9.3f}" if (e, k) in by else " " * 9 for k in (1, 2))
+        print(f"  {e:<3d} {cells}")
+    print(f"  worst ratio {max(by.values()):.3f} (goal <= 1.15)")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "config": {**cfg, "repeats": repeats, "warmup": args.warmup, "quick": args.quick},
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
+        "layer": grid,
+        "gates": gate_rows,
+    }
+    args.out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_exp.moe.bank import MLPExpertBank, grouped_linear
+from moe_exp.moe.gates import TopKGate
+from moe_exp.moe.layer import GroupedExperts, MoE, dispatch_combine
+
+N, D, H, OUT, E = 48, 6, 10, 4, 5
+
+
+def as_modules(bank: MLPExpertBank) -> nn.ModuleList:
+    """The same experts as ordinary nn.Linear modules (copied weights)."""
+    experts = nn.ModuleList()
+    for e in range(bank.num_experts):
+        first, second = nn.Linear(bank.d_in, bank.d_hidden), nn.Linear(bank.d_hidden, bank.d_out)
+        with torch.no_grad():
+            first.weight.copy_(bank.w1[e].t())
+            first.bias.copy_(bank.b1[e])
+            second.weight.copy_(bank.w2[e].t())
+            second.bias.copy_(bank.b2[e])
+        experts.append(nn.Sequential(first, nn.GELU(), second))
+    return experts
+
+
+def test_bank_is_grouped_experts():
+    assert isinstance(MLPExpertBank(E, D, H, OUT), GroupedExperts)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_bank_equals_linear_experts_in_outputs_and_gradients(k):
+    torch.manual_seed(0)
+    bank = MLPExpertBank(E, D, H, OUT, activation="gelu")
+    modules = as_modules(bank)
+    gate = TopKGate(D, E, k=k)
+    x = torch.randn(N, D, requires_grad=True)
+    routing = gate(x)
+    # force an expert with no inputs: its gradients must be zero, not garbage
+    routing.indices = routing.indices.masked_fill(routing.indices == 3, 0)
+
+    y = dispatch_combine(x, routing, bank)
+    loss = (y * torch.linspace(-1, 1, OUT)).square().sum()
+    g_bank = torch.autograd.grad(loss, [x, bank.w1, bank.b1, bank.w2, bank.b2], retain_graph=True)
+
+    y_ref = dispatch_combine(x, routing, modules)
+    loss_ref = (y_ref * torch.linspace(-1, 1, OUT)).square().sum()
+    params = [x, *modules.parameters()]
+    g_ref = torch.autograd.grad(loss_ref, params, allow_unused=True)
+    g_ref = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_ref, strict=True)]
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_bank[0], g_ref[0], atol=1e-5, rtol=1e-5)
+    per_expert = [g_ref[1 + 4 * e : 5 + 4 * e] for e in range(E)]
+    torch.testing.assert_close(g_bank[1], torch.stack([w.t() for w, _, _, _ in per_expert]))
+    torch.testing.assert_close(g_bank[2], torch.stack([b for _, b, _, _ in per_expert]))
+    torch.testing.assert_close(g_bank[3], torch.stack([w.t() for _, _, w, _ in per_expert]))
+    torch.testing.assert_close(g_bank[4], torch.stack([b for _, _, _, b in per_expert]))
+    assert g_bank[1][3].abs().sum() == 0 and g_bank[4][3].abs().sum() == 0
+
+
+def test_bank_equals_dense_masked_reference():
+    torch.manual_seed(1)
+    bank = MLPExpertBank(E, D, H, OUT, activation="relu")
+    gate = TopKGate(D, E, k=2)
+    x = torch.randn(N, D)
+    routing = gate(x)
+    y = dispatch_combine(x, routing, bank)
+    dense = torch.stack([bank.expert_forward(e, x) for e in range(E)], 1)  # [N, E, OUT]
+    ref = (routing.gates().unsqueeze(-1) * dense).sum(1)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    gw = torch.autograd.grad(y.sum(), bank.w1)[0]
+    gw_ref = torch.autograd.grad(ref.sum(), bank.w1)[0]
+    torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_linear_passes_gradcheck():
+    torch.manual_seed(2)
+    x = torch.randn(7, 3, dtype=torch.double, requires_grad=True)
+    w = torch.randn(3, 3, 2, dtype=torch.double, requires_grad=True)
+    b = torch.randn(3, 2, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: grouped_linear(x, w, b, [3, 0, 4]), (x, w, b))
+    ref = torch.cat([F.linear(x[:3], w[0].t(), b[0]), F.linear(x[3:], w[2].t(), b[2])])
+    torch.testing.assert_close(grouped_linear(x, w, b, [3, 0, 4]), ref)
+    with pytest.raises(ValueError, match="counts sum to 6"):
+        grouped_linear(x, w, b, [3, 0, 3])
+
+
+def test_bank_in_a_moe_layer_trains_and_dropout_is_train_only():
+    torch.manual_seed(3)
+    layer = MoE(TopKGate(D, E, k=2), MLPExpertBank(E, D, H, D, dropout=0.5))
+    x = torch.randn(N, D)
+    y, routing = layer(x)
+    assert y.shape == (N, D) and routing.num_experts == E
+    assert not torch.allclose(layer(x)[0], layer(x)[0])
+    layer.eval()
+    torch.testing.assert_close(layer(x)[0], layer(x)[0])
+    with pytest.raises(ValueError, match="activation"):
+        MLPExpertBank(E, D, H, OUT, activation="tanh")
