@@ -14,3 +14,7 @@ class ConfigError(MoeExpError):
 
 class DivergedError(MoeExpError):
     """The training loss became NaN or infinite."""
+
+
+class DataNotFoundError(MoeExpError):
+    """A dataset's files are missing (or fail their checksum) under ``data.root``."""

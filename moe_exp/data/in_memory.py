@@ -2,16 +2,40 @@
 
 Indexing one sample at a time and collating costs milliseconds per step on a small CPU
 (see DESIGN.md); here the sampler yields lists of indices and the dataset slices tensors.
+
+Every dataset shares one pipeline, so the common options mean the same thing everywhere
+(their defaults live in ``conf/data/_common/defaults.yaml``):
+
+1. ``build_splits()`` (the subclass) returns "train" and "test", and "val" if the dataset
+   has one; uint8 images are scaled to [0, 1].
+2. No "val": ``val_fraction`` of train is held out (seeded, class-stratified).
+3. ``train_fraction`` then ``n_train`` shrink the training split (seeded, class-stratified,
+   exact counts); ``n_val`` / ``n_test`` cap the evaluation splits the same way.
+4. ``label_noise`` flips exactly round(fraction · N_train) *training* labels to another class;
+   the true label is kept as the latent ``clean_label`` (in every split).
+5. Every split is standardised per channel with the training split's statistics.
+6. ``augment`` runs on whole training batches only (see :mod:`moe_exp.data.transforms`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from moe_exp.data.splits import flip_labels, stratified_take
+from moe_exp.data.transforms import BatchAugment
+from moe_exp.errors import ConfigError
+
+log = logging.getLogger("moe_exp")
+
+# Salts so each seeded step draws from its own stream (changing one option never reshuffles
+# what another picked).
+_VAL, _TRAIN, _CAP_VAL, _CAP_TEST, _NOISE, _AUGMENT = range(1, 7)
 
 
 @dataclass
@@ -25,10 +49,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, index: Tensor) -> Split:
+        return Split(self.images[index], self.labels[index], self.latents[index])
+
 
 class _BatchView(Dataset):
-    def __init__(self, split: Split) -> None:
+    def __init__(self, split: Split, transform=None) -> None:
         self.split = split
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.split)
@@ -36,32 +64,80 @@ class _BatchView(Dataset):
     def __getitem__(self, index: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         idx = torch.as_tensor(index)
         s = self.split
-        return s.images[idx], s.labels[idx], s.latents[idx]
+        images = s.images[idx]
+        if self.transform is not None:
+            images = self.transform(images)
+        return images, s.labels[idx], s.latents[idx]
 
 
 class InMemoryDataModule(L.LightningDataModule):
-    """Subclasses implement :meth:`build_splits`; batches are (images, labels, latents).
+    """Subclasses implement :meth:`build_splits` and :attr:`class_names`; batches are
+    (images, labels, latents).
 
     ``latent_names`` names the columns of ``latents`` (empty when the data has none);
-    ``class_names`` names the labels.
+    ``discrete_latents`` lists the categorical ones (shape, colour, cluster, clean_label) and
+    ``latent_values`` names their values, for specialisation metrics and plots.
     """
 
     latent_names: tuple[str, ...] = ()
+    discrete_latents: tuple[str, ...] = ()
 
-    def __init__(self, batch_size: int = 128, eval_batch_size: int = 1024, seed: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int = 1024,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        train_fraction: float = 1.0,
+        n_train: int | None = None,
+        n_val: int | None = None,
+        n_test: int | None = None,
+        label_noise: float = 0.0,
+        augment: str = "none",
+        crop_padding: int | None = None,
+    ) -> None:
         super().__init__()
+        problems = []
+        if not 0.0 < val_fraction < 1.0:
+            problems.append(f"data.val_fraction={val_fraction} must be in (0, 1)")
+        if not 0.0 < train_fraction <= 1.0:
+            problems.append(f"data.train_fraction={train_fraction} must be in (0, 1]")
+        if not 0.0 <= label_noise < 1.0:
+            problems.append(f"data.label_noise={label_noise} must be in [0, 1)")
+        for key, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+            if value is not None and value < 1:
+                problems.append(f"data.{key}={value} must be >= 1 (or null for all)")
+        if eval_batch_size < 1:
+            problems.append(f"data.eval_batch_size={eval_batch_size} must be >= 1")
+        if problems:
+            raise ConfigError("Invalid data options: " + "; ".join(problems) + ".")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.val_fraction = val_fraction
+        self.train_fraction = train_fraction
+        self.caps = {"train": n_train, "val": n_val, "test": n_test}
+        self.label_noise = label_noise
+        self.augment = augment
+        self.crop_padding = crop_padding
+        BatchAugment(augment, 8, seed)  # check the preset name now, not at the first batch
         self.splits: dict[str, Split] = {}
+        self.mean: Tensor | None = None
+        self.std: Tensor | None = None
 
     # -- to implement -------------------------------------------------------------------
     def build_splits(self) -> dict[str, Split]:
+        """ "train" and "test" (and "val" if the dataset defines one); images uint8 or float."""
         raise NotImplementedError
 
     @property
     def class_names(self) -> list[str]:
         raise NotImplementedError
+
+    @property
+    def latent_values(self) -> dict[str, list[str]]:
+        """Value names of each discrete latent (subclasses extend)."""
+        return {"clean_label": list(self.class_names)} if self.label_noise > 0 else {}
 
     # -- shared -------------------------------------------------------------------------
     @property
@@ -73,14 +149,86 @@ class InMemoryDataModule(L.LightningDataModule):
         self.setup()
         return tuple(self.splits["train"].images.shape[1:])
 
+    def latent_spec(self) -> dict[str, tuple[int, int]]:
+        """Each discrete latent → (its column in ``latents``, its number of values)."""
+        self.setup()
+        values = self.latent_values
+        return {
+            name: (self.latent_names.index(name), len(values[name]))
+            for name in self.discrete_latents
+        }
+
+    def _generator(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+
     def setup(self, stage: str | None = None) -> None:
-        if not self.splits:
-            splits = self.build_splits()
-            self.splits = _normalize(splits)
+        if self.splits:
+            return
+        splits = self.build_splits()
+        if "val" not in splits:
+            train = splits["train"]
+            n_val = round(self.val_fraction * len(train))
+            val_idx, train_idx = stratified_take(train.labels, n_val, self._generator(_VAL))
+            splits["val"], splits["train"] = train.subset(val_idx), train.subset(train_idx)
+        splits["train"] = self._shrink(splits["train"], "train", self.train_fraction, _TRAIN)
+        splits["val"] = self._shrink(splits["val"], "val", 1.0, _CAP_VAL)
+        splits["test"] = self._shrink(splits["test"], "test", 1.0, _CAP_TEST)
+        if self.label_noise > 0:
+            splits = self._add_label_noise(splits)
+        self.splits = self._normalize(splits)
+
+    def _shrink(self, split: Split, name: str, fraction: float, salt: int) -> Split:
+        n = len(split)
+        keep = round(fraction * n)
+        cap = self.caps[name]
+        if cap is not None and cap > keep:
+            log.debug("data.n_%s=%d exceeds the %d available; keeping all", name, cap, keep)
+        keep = min(keep, cap) if cap is not None else keep
+        if keep == n:
+            return split
+        if keep < 1:
+            raise ConfigError(f"data.train_fraction={fraction} leaves no training samples")
+        taken, _ = stratified_take(split.labels, keep, self._generator(salt))
+        return split.subset(taken)
+
+    def _add_label_noise(self, splits: dict[str, Split]) -> dict[str, Split]:
+        """Flip training labels; every split gains the latent column ``clean_label``."""
+        out = {}
+        for name, s in splits.items():
+            labels = s.labels
+            if name == "train":
+                g = self._generator(_NOISE)
+                labels = flip_labels(s.labels, self.label_noise, self.num_classes, g)
+            latents = torch.cat([s.latents, s.labels.float().unsqueeze(1)], dim=1)
+            out[name] = Split(s.images, labels, latents)
+        self.latent_names = (*self.latent_names, "clean_label")
+        self.discrete_latents = (*self.discrete_latents, "clean_label")
+        return out
+
+    def _normalize(self, splits: dict[str, Split]) -> dict[str, Split]:
+        """Standardise every split per channel with the training split's statistics."""
+        splits = {
+            name: Split(_as_float(s.images), s.labels, s.latents) for name, s in splits.items()
+        }
+        train = splits["train"].images
+        dims = [0, *range(2, train.dim())]
+        mean = train.mean(dim=dims, keepdim=True)[0]
+        std = train.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
+        self.mean, self.std = mean, std
+        for s in splits.values():
+            s.images.sub_(mean).div_(std)  # in place: _as_float made fresh tensors
+        return splits
 
     def _loader(self, name: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()
-        view = _BatchView(self.splits[name])
+        transform = None
+        if name == "train":
+            image_size = self.splits["train"].images.shape[-1]
+            augment = BatchAugment(
+                self.augment, image_size, self.seed * 1_000_003 + _AUGMENT, self.crop_padding
+            )
+            transform = augment if augment.active else None
+        view = _BatchView(self.splits[name], transform)
         if shuffle:
             generator = torch.Generator().manual_seed(self.seed)
             sampler = RandomSampler(view, generator=generator)
@@ -99,10 +247,8 @@ class InMemoryDataModule(L.LightningDataModule):
         return self._loader("test", self.eval_batch_size, shuffle=False)
 
 
-def _normalize(splits: dict[str, Split]) -> dict[str, Split]:
-    """Standardise every split per channel with the training split's statistics."""
-    train = splits["train"].images
-    dims = [0, *range(2, train.dim())]
-    mean = train.mean(dim=dims, keepdim=True)[0]
-    std = train.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
-    return {name: Split((s.images - mean) / std, s.labels, s.latents) for name, s in splits.items()}
+def _as_float(images: Tensor) -> Tensor:
+    """A fresh float32 copy: uint8 scaled to [0, 1], float copied as is."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    return images.to(torch.float32, copy=True)
