@@ -1,0 +1,176 @@
+"""The strategy axis: staged (hierarchical) training with real freezing, and EM."""
+
+import csv
+
+import lightning as L
+import pytest
+import torch
+
+from moe_exp.errors import ConfigError
+from moe_exp.run import build_components, make_trainer
+from moe_exp.strategies import (
+    EMStrategy,
+    HierarchicalStrategy,
+    Partition,
+    em_posteriors,
+    stage_parameters,
+)
+from tests.conftest import compose_config
+
+SMALL = [
+    "experiment=quick",
+    "data.n_train=256",
+    "data.n_val=128",
+    "data.n_test=128",
+    "threads=1",
+    "expert=mlp",
+]
+TWO_STAGES = (
+    "strategy.stages=[{train: experts, epochs: 1, lr: 0.01},"
+    " {train: gate, epochs: 1, lr: 0.01, name: route}]"
+)
+
+
+def _snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+class StageWatch(L.Callback):
+    """Per epoch: were the experts / the gate untouched, and what did the optimiser hold?"""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_start(self, trainer, module):
+        model = module.model
+        self.experts = _snapshot(stage_parameters(model, "experts"))
+        self.gate = _snapshot(stage_parameters(model, "gate"))
+
+    def on_train_epoch_end(self, trainer, module):
+        model = module.model
+        plan = module.plan
+        held = {id(p) for g in trainer.optimizers[plan.current].param_groups for p in g["params"]}
+        self.epochs.append(
+            {
+                "stage": module.stage,
+                "experts_same": _same(self.experts, stage_parameters(model, "experts")),
+                "gate_same": _same(self.gate, stage_parameters(model, "gate")),
+                "holds_experts": any(id(p) in held for p in stage_parameters(model, "experts")),
+                "holds_gate": any(id(p) in held for p in stage_parameters(model, "gate")),
+                "expert_grads": any(p.requires_grad for p in stage_parameters(model, "experts")),
+            }
+        )
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("staged")
+    cfg = compose_config([*SMALL, "strategy=hierarchical", TWO_STAGES])
+    torch.manual_seed(0)
+    datamodule, module = build_components(cfg)
+    trainer = make_trainer(cfg, run_dir)
+    watch = StageWatch()
+    trainer.callbacks.insert(0, watch)
+    strategy = HierarchicalStrategy(**{k: v for k, v in cfg.strategy.items() if k != "_target_"})
+    strategy.fit(trainer, module, datamodule)
+    return run_dir, watch.epochs, trainer
+
+
+def test_experts_stage_leaves_the_gate_bit_identical(staged_run):
+    _, epochs, _ = staged_run
+    first = epochs[0]
+    assert first["stage"] == "experts"
+    assert first["gate_same"] and not first["experts_same"]
+    assert first["holds_experts"] and not first["holds_gate"]
+
+
+def test_gate_stage_leaves_every_expert_bit_identical(staged_run):
+    _, epochs, _ = staged_run
+    second = epochs[1]
+    assert second["stage"] == "route"
+    assert second["experts_same"] and not second["gate_same"]
+    assert not second["holds_experts"] and second["holds_gate"]
+    assert not second["expert_grads"]
+
+
+def test_each_stage_is_logged_and_checkpointed(staged_run):
+    run_dir, _, trainer = staged_run
+    assert trainer.max_epochs == 2
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert rows and all(r["stage"] in ("experts", "route") for r in rows)
+    assert {r["stage"] for r in rows} == {"experts", "route"}
+    assert any(r["stage"] == "route" and r.get("train/acc") for r in rows)
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "stage1_experts.ckpt").is_file()
+    assert (checkpoints / "stage2_route.ckpt").is_file()
+
+
+def test_em_posteriors_match_a_hand_computation():
+    g = torch.tensor([[0.25, 0.75]])
+    p = torch.tensor([[0.8, 0.2]])  # p_i(y | x) of the true label
+    h = em_posteriors(g.log(), p.log())
+    # h ∝ g·p = [0.2, 0.15]
+    torch.testing.assert_close(h, torch.tensor([[0.2 / 0.35, 0.15 / 0.35]]))
+    torch.manual_seed(0)
+    h = em_posteriors(torch.randn(16, 5).log_softmax(-1), -torch.rand(16, 5) * 5)
+    torch.testing.assert_close(h.sum(-1), torch.ones(16))
+
+
+def _shapes(experts):
+    cfg = compose_config([*SMALL, f"experts={experts}", "k=1"])
+    return build_components(cfg)
+
+
+def test_attribute_partition_puts_each_colour_on_its_own_expert():
+    datamodule, module = _shapes(4)
+    part = Partition("attribute", 4, attribute="colour").fit(datamodule, module.latents)
+    x, _, latents = next(iter(datamodule.train_dataloader()))
+    colour = latents[:, datamodule.latent_names.index("colour")].long()
+    experts = part(x, latents)
+    for c in colour.unique():
+        assert experts[colour == c].unique().tolist() == [int(c)]
+
+
+def test_attribute_partition_spreads_fewer_values_round_robin_and_rejects_more():
+    datamodule, module = _shapes(8)
+    part = Partition("attribute", 8, attribute="colour").fit(datamodule, module.latents)
+    x, _, latents = next(iter(datamodule.train_dataloader()))
+    colour = latents[:, datamodule.latent_names.index("colour")].long()
+    experts = part(x, latents)
+    assert torch.equal(experts % 4, colour) and experts.max() < 8
+    with pytest.raises(ConfigError, match="colour has 4 values but experts=2"):
+        Partition("attribute", 2, attribute="colour").fit(datamodule, module.latents)
+    with pytest.raises(ConfigError, match="not a discrete latent"):
+        Partition("attribute", 4, attribute="hue").fit(datamodule, module.latents)
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "random"])
+def test_kmeans_and_random_partitions_give_every_input_one_of_e_parts(kind):
+    datamodule, module = _shapes(4)
+    part = Partition(kind, 4, projection=16).fit(datamodule, module.latents)
+    x, _, latents = next(iter(datamodule.train_dataloader()))
+    experts = part(x, latents)
+    assert experts.shape == (x.shape[0],) and experts.min() >= 0 and experts.max() < 4
+    assert torch.equal(experts, part(x, latents))  # a fixed partition
+    assert len(experts.unique()) > 1
+
+
+def test_a_model_without_a_separate_gate_is_refused(tmp_path):
+    cfg = compose_config([*SMALL, "model=vmoe"])
+    datamodule, module = build_components(cfg)
+    trainer = make_trainer(cfg, tmp_path)
+    with pytest.raises(ConfigError, match=r"VisionMoE does not support it.*model=mixture"):
+        EMStrategy().fit(trainer, module, datamodule)
+
+
+def test_em_runs_from_the_cli_and_tags_its_rows(cli, tmp_path):
+    out = cli(*SMALL, "strategy=em", "trainer.max_epochs=1")
+    assert out.returncode == 0, out.stderr
+    (metrics,) = tmp_path.glob("outputs/runs/*/*/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    assert {r["stage"] for r in rows} == {"em"}
+    assert any(r.get("train/em_gate_ce") for r in rows)
