@@ -1,8 +1,10 @@
 """The LightningModule: cross-entropy plus the routers' weighted aux losses, accuracy, and
-per-epoch utilisation of every MoE layer, computed from the routing records."""
+per-epoch utilisation and specialisation of every MoE layer, from the routing records."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -15,10 +17,15 @@ from moe_exp.errors import DivergedError
 from moe_exp.moe import Routing, RoutingStats
 
 SPLITS = ("train", "val", "test")
+EXAMPLES_PER_EXPERT = 8
 
 
 class MoEClassifierModule(L.LightningModule):
-    """Wraps a model whose forward returns (log-probabilities, [routing per MoE layer])."""
+    """Wraps a model whose forward returns (log-probabilities, [routing per MoE layer]).
+
+    ``latents`` maps each discrete latent attribute to (column, number of values), so the
+    routing can be compared with it (NMI, expert × attribute tables).
+    """
 
     def __init__(
         self,
@@ -28,22 +35,37 @@ class MoEClassifierModule(L.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         scheduler: str = "onecycle",
+        latents: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.num_classes = num_classes
         self.num_experts = num_experts
+        self.latents = dict(latents or {})
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
         self.accuracy = nn.ModuleDict(
             {f"acc_{s}": MulticlassAccuracy(num_classes, average="micro") for s in SPLITS}
         )
         self.routing_stats: dict[str, list[RoutingStats]] = {s: [] for s in SPLITS}
+        self.history: dict[str, list[dict[str, float]]] = {s: [] for s in SPLITS}
+        self.test_tables: list[RoutingStats] = []
+        self.examples: dict[int, list[Tensor]] = {}
+        self._epoch_start = self._last_batch_end = 0.0
+        self._epoch_samples = 0
+        self.train_samples_per_s = float("nan")
+        # Optional training plan (see moe_exp.strategies): when set, it owns the training step
+        # and the optimisers (manual optimisation); ``stage`` names the current stage and is
+        # logged as ``stage_index`` (and tagged as ``stage`` on the CSV rows by the strategy).
+        self.plan: Any = None
+        self.stage = ""
+        self.stage_index = 0
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Routing]]:
         return self.model(x)
 
     # -- steps ----------------------------------------------------------------------------
     def _step(self, batch: tuple[Tensor, Tensor, Tensor], split: str) -> Tensor:
-        x, y, _ = batch
+        x, y, latents = batch
         log_probs, routings = self.model(x)
         ce = F.nll_loss(log_probs, y)
         aux: dict[str, Tensor] = {}
@@ -55,7 +77,7 @@ class MoEClassifierModule(L.LightningModule):
             raise DivergedError(
                 f"Training diverged: the loss became {loss.item()} at epoch {self.current_epoch}, "
                 f"step {self.global_step} (cross-entropy {ce.item()}). Lower optim.lr "
-                "(or raise the balance weights' stability) and run again."
+                "or the regularizer weights and run again."
             )
         n = y.shape[0]
         log = dict(on_step=False, on_epoch=True, batch_size=n)
@@ -66,11 +88,19 @@ class MoEClassifierModule(L.LightningModule):
         accuracy = self.accuracy[f"acc_{split}"]
         accuracy(log_probs.detach(), y)
         self.log(f"{split}/acc", accuracy, prog_bar=True, **log)
-        self._track(split, routings)
+        self._track(split, routings, y, latents)
+        if split == "test":
+            self._keep_examples(x, routings[0])
         return loss
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch, batch_idx: int) -> Tensor | None:
+        if self.plan is not None:
+            return self.plan.training_step(self, batch, batch_idx)
         return self._step(batch, "train")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._epoch_samples += batch[1].shape[0]
+        self._last_batch_end = time.perf_counter()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -79,15 +109,28 @@ class MoEClassifierModule(L.LightningModule):
         self._step(batch, "test")
 
     # -- utilisation ----------------------------------------------------------------------
-    def _track(self, split: str, routings: list[Routing]) -> None:
+    def _track(self, split: str, routings: list[Routing], y: Tensor, latents: Tensor) -> None:
         stats = self.routing_stats[split]
         while len(stats) < len(routings):
-            stats.append(RoutingStats(routings[len(stats)].num_experts))
+            e = routings[len(stats)].num_experts
+            stats.append(RoutingStats(e, self.num_classes, self.latents))
         for tracker, routing in zip(stats, routings, strict=True):
-            tracker.update(routing)
+            tracker.update(routing, y, latents if self.latents else None)
+
+    @torch.no_grad()
+    def _keep_examples(self, x: Tensor, routing: Routing) -> None:
+        """A few test images per expert (by largest combine weight), for the routing grid."""
+        if routing.indices.shape[0] != x.shape[0]:
+            return  # token routing: an image has no single expert
+        top = routing.gates().argmax(-1)
+        for e in range(routing.num_experts):
+            kept = self.examples.setdefault(e, [])
+            need = EXAMPLES_PER_EXPERT - len(kept)
+            if need > 0:
+                kept.extend(x[top == e][:need].float().cpu())
 
     def utilisation(self, split: str) -> dict[str, float]:
-        """Balance metrics of the epoch so far; keys get a layer prefix when there are several."""
+        """Metrics of the epoch so far; keys get a layer prefix when there are several."""
         stats = self.routing_stats[split]
         out: dict[str, float] = {}
         for i, tracker in enumerate(stats):
@@ -95,25 +138,43 @@ class MoEClassifierModule(L.LightningModule):
             out.update({f"{prefix}{k}": v for k, v in tracker.compute().items()})
         return out
 
-    def _log_utilisation(self, split: str) -> None:
+    def _end_epoch(self, split: str) -> None:
         values = self.utilisation(split)
+        if self.plan is not None:
+            self.log(f"{split}/stage_index", float(self.stage_index), on_epoch=True)
         if values:
             self.log_dict({f"{split}/{k}": v for k, v in values.items()}, on_epoch=True)
-        self.last_utilisation = {**getattr(self, "last_utilisation", {}), split: values}
+        if not self.trainer.sanity_checking:
+            self.history[split].append(values)
+        if split == "test":
+            self.test_tables = self.routing_stats[split]
+            self.routing_stats[split] = []
         for tracker in self.routing_stats[split]:
             tracker.reset()
 
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = self._last_batch_end = time.perf_counter()
+        self._epoch_samples = 0
+
     def on_train_epoch_end(self) -> None:
-        self._log_utilisation("train")
+        seconds = max(self._last_batch_end - self._epoch_start, 1e-9)  # excludes validation
+        self.train_samples_per_s = self._epoch_samples / seconds
+        self.log("train/samples_per_s", self.train_samples_per_s, on_epoch=True)
+        self._end_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_utilisation("val")
+        self._end_epoch("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.examples = {}
 
     def on_test_epoch_end(self) -> None:
-        self._log_utilisation("test")
+        self._end_epoch("test")
 
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
+        if self.plan is not None:
+            return self.plan.configure_optimizers(self)
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if self.scheduler == "none":
             return optimizer

@@ -1,9 +1,11 @@
 """One run: validate → build data, model and trainer → train with the strategy → test →
-write the run record. Heavy imports live here, off the path of ``--help``."""
+measure (cost, expert similarity, pictures) → write the run record. Heavy imports live
+here, off the path of ``--help``."""
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from moe_exp.errors import DivergedError
 from moe_exp.record import RunRecord
 
 log = logging.getLogger("moe_exp")
+PROBE_INPUTS = 256  # test inputs used for FLOP counting and expert similarity
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> float:
@@ -28,20 +31,29 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> f
         results = _train_and_test(cfg, run_dir, record)
     except DivergedError as err:
         record.finish("diverged", error=str(err))
+        _close_wandb(failed=True)
         raise
     except BaseException as err:
         record.finish("failed", error=f"{type(err).__name__}: {err}")
+        _close_wandb(failed=True)
         raise
-    record.finish("completed", **results)
+    cv_load = [v for k, v in results.items() if k.startswith("test/") and k.endswith("cv_load")]
     log.info(
-        "done in %.1f s: test/acc=%.4f val/acc=%.4f test/cv_load=%.3f → %s",
+        "done in %.1f s: test/acc=%.4f val/acc=%.4f test/cv_load=%s → %s",
         record.data["wall_time_s"],
         results.get("test/acc", float("nan")),
         results.get("val/acc", float("nan")),
-        results.get("test/cv_load", float("nan")),
+        ", ".join(f"{v:.3f}" for v in cv_load),
         run_dir,
     )
     return float(results["val/acc"])
+
+
+def _close_wandb(failed: bool) -> None:
+    """A multirun's next job must not log into this job's W&B run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 def _quiet_lightning() -> None:
@@ -54,7 +66,7 @@ def _quiet_lightning() -> None:
 def make_trainer(cfg: DictConfig, run_dir: Path) -> Any:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from moe_exp.callbacks import EpochSummary, progress_bar
+    from moe_exp.callbacks import CollapseAlarm, EpochSummary, progress_bar
 
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -66,12 +78,26 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Any:
         enable_version_counter=False,
     )
     loggers = [build(node, save_dir=str(run_dir)) for node in (cfg.get("logger") or {}).values()]
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return build(
         cfg.trainer,
-        callbacks=[checkpoint, progress_bar(), EpochSummary()],
+        callbacks=[checkpoint, progress_bar(), EpochSummary(), CollapseAlarm(run_dir)],
         logger=loggers or False,
         default_root_dir=str(run_dir),
     )
+
+
+def latent_values(datamodule: Any) -> dict[str, tuple[int, list[str]]]:
+    """The data's discrete latent attributes: name → (latents column, value names)."""
+    names = getattr(datamodule, "latent_values", {}) or {}
+    train = datamodule.splits["train"].latents
+    out = {}
+    for name in getattr(datamodule, "discrete_latents", ()) or ():
+        column = datamodule.latent_names.index(name)
+        count = int(train[:, column].max()) + 1 if len(train) else 0
+        out[name] = (column, list(names.get(name) or [str(v) for v in range(count)]))
+    return out
 
 
 def build_components(cfg: DictConfig) -> tuple[Any, Any]:
@@ -89,20 +115,47 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
         router=build(cfg.gate),
         regularizers=build(cfg.get("regularizer")) or {},
     )
-    module = MoEClassifierModule(model, datamodule.num_classes, cfg.experts, **cfg.optim)
+    latents = {
+        name: (col, len(values)) for name, (col, values) in latent_values(datamodule).items()
+    }
+    module = MoEClassifierModule(
+        model, datamodule.num_classes, cfg.experts, latents=latents, **cfg.optim
+    )
     return datamodule, module
+
+
+def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any], list[Path]]:
+    """FLOPs per input, expert similarity and the routing pictures of the tested model."""
+    from moe_exp.cost import flops_per_sample
+    from moe_exp.plots import run_plots, similarity_heatmap
+    from moe_exp.similarity import expert_similarity, similarity_summary
+
+    probe = datamodule.splits["test"].images[:PROBE_INPUTS]
+    results: dict[str, Any] = dict(flops_per_sample(module.model, probe))
+    matrices = expert_similarity(module.model, probe)
+    results.update(similarity_summary(matrices))
+    names = {"label": datamodule.class_names}
+    names.update({k: v for k, (_, v) in latent_values(datamodule).items()})
+    plots_dir = run_dir / "plots"
+    paths = run_plots(module, names, plots_dir)
+    for i, cka in enumerate(matrices):
+        tag = f"layer{i}_" if len(matrices) > 1 else ""
+        paths.append(similarity_heatmap(cka, plots_dir / f"{tag}expert_similarity.png"))
+    return results, paths
 
 
 def _train_and_test(cfg: DictConfig, run_dir: Path, record: RunRecord) -> dict[str, Any]:
     import lightning as L
+
+    from moe_exp.callbacks import CollapseAlarm
+    from moe_exp.loggers import finish_wandb
 
     _quiet_lightning()
     torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule, module = build_components(cfg)
-    model = module.model
-    record.update(**model.parameter_counts())
+    record.update(**module.model.parameter_counts())
 
     trainer = make_trainer(cfg, run_dir)
     build(cfg.strategy).fit(trainer, module, datamodule)
@@ -111,8 +164,17 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, record: RunRecord) -> dict[s
     ckpt = "best" if best else None
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
-    return {
-        **{k: float(v) for k, v in {**val, **test}.items()},
-        "epochs": trainer.current_epoch,
-        "best_checkpoint": str(Path(best).relative_to(run_dir)) if best else None,
-    }
+    results: dict[str, Any] = {k: float(v) for k, v in {**val, **test}.items()}
+    measured, plots = _measure(module, datamodule, run_dir)
+    (alarm,) = [c for c in trainer.callbacks if isinstance(c, CollapseAlarm)]
+    results.update(
+        measured,
+        epochs=trainer.current_epoch,
+        train_samples_per_s=module.train_samples_per_s,
+        collapse_events=alarm.events,
+        best_checkpoint=str(Path(best).relative_to(run_dir)) if best else None,
+        plots=[str(p.relative_to(run_dir)) for p in plots],
+    )
+    record.finish("completed", **results)
+    finish_wandb(trainer.loggers, record.data, plots)
+    return results

@@ -38,3 +38,13 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
 @pytest.fixture
 def cli(tmp_path):
     return lambda *args, **kw: run_cli(*args, cwd=tmp_path, **kw)
+
+
+@pytest.fixture(scope="session")
+def quick_sweep(tmp_path_factory) -> Path:
+    """One real 2×2 multirun (gate × seed), shared by the tests that read sweeps."""
+    root = tmp_path_factory.mktemp("sweep")
+    out = run_cli("-m", *QUICK, "gate=topk,noisy_topk", "seed=0,1", cwd=root)
+    assert out.returncode == 0, out.stderr
+    (sweep,) = root.glob("outputs/multiruns/*/*")
+    return sweep

@@ -5,6 +5,7 @@ from moe_exp.config import validate
 from moe_exp.errors import ConfigError
 from moe_exp.run import build_components
 from tests.conftest import QUICK, compose_config, config_options
+from tests.data.disk_formats import ON_DISK, write
 
 OPTIONS = [o for o in config_options() if o[0] not in ("trainer", "logger")]
 
@@ -25,8 +26,12 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
-def test_every_option_composes_instantiates_and_runs_a_batch(group, option):
-    cfg = compose_config([*QUICK, f"{group}={option}"])
+def test_every_option_composes_instantiates_and_runs_a_batch(group, option, tmp_path):
+    extra = []
+    if group == "data" and option in ON_DISK:  # real on-disk formats, written small
+        write(option, tmp_path)
+        extra = [f"data.root={tmp_path}", "data.check_md5=false"]
+    cfg = compose_config([*QUICK, f"{group}={option}", *extra])
     validate(cfg)
     datamodule, module = build_components(cfg)
     x, y, _ = next(iter(datamodule.train_dataloader()))

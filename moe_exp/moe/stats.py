@@ -1,11 +1,15 @@
-"""Utilisation metrics from routing records, accumulated over an epoch.
+"""Utilisation and specialisation metrics from routing records, accumulated over an epoch.
 
 Load = assignments per expert; importance = summed combine weights (Shazeer et al. 2017).
+Specialisation = normalised mutual information between the routing and the class label
+(or a latent attribute), from the routing mass: each input spreads its combine weights over
+its experts, so k > 1 and dense gates are measured without picking one "chosen" expert.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -31,45 +35,166 @@ def normalized_entropy(load: Tensor) -> float:
     return float(h / math.log(e))
 
 
-def balance_metrics(load: Tensor, importance: Tensor) -> dict[str, float]:
-    """Scalar balance numbers from per-expert load counts and importance sums."""
+def max_violation(load: Tensor) -> float:
+    """MaxVio = (max load − mean load) / mean load (Wang et al. 2024, loss-free balancing)."""
+    load = load.double()
+    mean = float(load.mean())
+    return (float(load.max()) - mean) / mean if mean > 0 else 0.0
+
+
+def _entropy(p: Tensor) -> Tensor:
+    p = p / p.sum().clamp_min(1e-300)
+    return -(p * p.clamp_min(1e-300).log()).sum()
+
+
+def normalized_mutual_information(joint: Tensor) -> float:
+    """NMI of a joint count table [E, V]: 2·I(E; V) / (H(E) + H(V)) (arithmetic mean
+    normalisation, scikit-learn's default); 1 = each expert serves exactly one value."""
+    joint = joint.double()
+    total = joint.sum()
+    if total <= 0:
+        return 0.0
+    p = joint / total
+    h_rows, h_cols = _entropy(p.sum(1)), _entropy(p.sum(0))
+    if float(h_rows + h_cols) == 0.0:
+        return 1.0
+    outer = p.sum(1, keepdim=True) * p.sum(0, keepdim=True)
+    nz = p > 0
+    mi = (p[nz] * (p[nz] / outer[nz]).log()).sum()
+    return float((2 * mi / (h_rows + h_cols)).clamp(0.0, 1.0))
+
+
+def gate_entropy(probs: Tensor) -> Tensor:
+    """Per-input entropy of the router distribution over experts, normalised by log(E)."""
+    e = probs.shape[-1]
+    p = probs.double().clamp_min(1e-300)
+    h = -(p * p.log()).sum(-1)
+    return h / math.log(e) if e > 1 else torch.zeros_like(h)
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Linear CKA between two representations of the same inputs (Kornblith et al. 2019):
+    1 for identical (up to rotation and scale) outputs, near 0 for unrelated ones."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = (x.T @ y).norm() ** 2
+    norm = (x.T @ x).norm() * (y.T @ y).norm()
+    return float(cross / norm) if norm > 0 else 0.0
+
+
+def balance_metrics(
+    load: Tensor, importance: Tensor, dead_threshold: float = 0.1
+) -> dict[str, float]:
+    """Scalar balance numbers from per-expert load counts and importance sums.
+
+    An expert is dead when its load is below ``dead_threshold`` × the uniform share.
+    """
     fraction = load.double() / load.double().sum().clamp_min(1e-12)
     mean = float(fraction.mean())
     return {
         "cv_load": coefficient_of_variation(load),
         "cv_importance": coefficient_of_variation(importance),
         "max_mean_load": float(fraction.max()) / mean if mean > 0 else 0.0,
+        "max_vio": max_violation(load),
         "load_entropy": normalized_entropy(load),
+        "dead_experts": float((fraction < dead_threshold * mean).sum()),
     }
 
 
-class RoutingStats:
-    """Sums load and importance over many batches; reports fractions and balance metrics."""
+def _per_input(values: Tensor, n_routed: int) -> Tensor:
+    """Labels are per image; a layer routing T tokens per image repeats each label T times."""
+    if n_routed == values.shape[0]:
+        return values
+    if values.shape[0] and n_routed % values.shape[0] == 0:
+        return values.repeat_interleave(n_routed // values.shape[0], dim=0)
+    raise ValueError(f"cannot match {values.shape[0]} labels to {n_routed} routed inputs")
 
-    def __init__(self, num_experts: int) -> None:
+
+class RoutingStats:
+    """Accumulates one MoE layer's routing over many batches.
+
+    ``num_classes`` enables the expert × class table; ``latents`` maps a discrete latent
+    attribute's name to (column in the latents tensor, number of values).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        num_classes: int | None = None,
+        latents: Mapping[str, tuple[int, int]] | None = None,
+        dead_threshold: float = 0.1,
+    ) -> None:
         self.num_experts = num_experts
+        self.num_classes = num_classes
+        self.latents = dict(latents or {})
+        self.dead_threshold = dead_threshold
         self.reset()
 
     def reset(self) -> None:
-        self.load = torch.zeros(self.num_experts, dtype=torch.float64)
-        self.importance = torch.zeros(self.num_experts, dtype=torch.float64)
+        e = self.num_experts
+        self.load = torch.zeros(e, dtype=torch.float64)
+        self.importance = torch.zeros(e, dtype=torch.float64)
+        self.class_mass = torch.zeros(e, self.num_classes or 0, dtype=torch.float64)
+        self.latent_mass = {
+            name: torch.zeros(e, values, dtype=torch.float64)
+            for name, (_, values) in self.latents.items()
+        }
+        self.expert_correct = torch.zeros(e, dtype=torch.float64)
+        self.expert_seen = torch.zeros(e, dtype=torch.float64)
+        self.gate_entropies: list[Tensor] = []
         self.dropped = 0
         self.assignments = 0
+        self.inputs = 0
+        self.experts_received = 0
+        self.unrouted = 0
 
     @torch.no_grad()
-    def update(self, routing: Routing) -> None:
+    def update(
+        self, routing: Routing, labels: Tensor | None = None, latents: Tensor | None = None
+    ) -> None:
         self.load += routing.load().detach().double().cpu()
         self.importance += routing.importance().detach().double().cpu()
         self.dropped += routing.dropped
         self.assignments += routing.indices.numel()
+        received = (routing.indices >= 0).sum(-1)
+        self.inputs += received.numel()
+        self.experts_received += int(received.sum())
+        self.unrouted += int((received == 0).sum())
+        self.gate_entropies.append(gate_entropy(routing.probs.detach()).float().cpu())
+        gates = routing.gates().detach().double().cpu()
+        n = gates.shape[0]
+        if self.num_classes and labels is not None:
+            y = _per_input(labels.detach().cpu(), n)
+            self.class_mass.index_add_(1, y, gates.T)
+            if routing.expert_predictions is not None:
+                rows, experts, predicted = (t.detach().cpu() for t in routing.expert_predictions)
+                correct = (predicted == y[rows]).double()
+                self.expert_correct.index_add_(0, experts, correct)
+                self.expert_seen.index_add_(0, experts, torch.ones_like(correct))
+        if latents is not None:
+            for name, (column, _) in self.latents.items():
+                values = _per_input(latents[:, column].detach().cpu().long(), n)
+                self.latent_mass[name].index_add_(1, values, gates.T)
 
     def compute(self) -> dict[str, float]:
-        """Balance metrics plus per-expert ``load_e{i}`` (fraction) and ``importance_e{i}``."""
-        out = balance_metrics(self.load, self.importance)
+        """Scalar metrics plus per-expert ``load_e{i}`` and ``importance_e{i}`` fractions."""
+        out = balance_metrics(self.load, self.importance, self.dead_threshold)
         load_frac = self.load / self.load.sum().clamp_min(1e-12)
         imp_frac = self.importance / self.importance.sum().clamp_min(1e-12)
         for i in range(self.num_experts):
             out[f"load_e{i}"] = float(load_frac[i])
             out[f"importance_e{i}"] = float(imp_frac[i])
         out["dropped_fraction"] = self.dropped / max(self.assignments, 1)
+        out["experts_per_input"] = self.experts_received / max(self.inputs, 1)
+        out["unrouted_fraction"] = self.unrouted / max(self.inputs, 1)
+        if self.gate_entropies:
+            out["gate_entropy"] = float(torch.cat(self.gate_entropies).mean())
+        if self.num_classes:
+            out["nmi_label"] = normalized_mutual_information(self.class_mass)
+        if self.expert_seen.sum() > 0:  # each expert's own accuracy on the inputs routed to it
+            for i in range(self.num_experts):
+                seen = float(self.expert_seen[i])
+                out[f"acc_e{i}"] = float(self.expert_correct[i]) / seen if seen else float("nan")
+        for name, mass in self.latent_mass.items():
+            out[f"nmi_{name}"] = normalized_mutual_information(mass)
         return out

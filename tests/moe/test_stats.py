@@ -3,7 +3,20 @@ import math
 import torch
 
 from moe_exp.moe import Routing, RoutingStats, balance_metrics
-from moe_exp.moe.stats import coefficient_of_variation, normalized_entropy
+from moe_exp.moe.stats import (
+    coefficient_of_variation,
+    gate_entropy,
+    linear_cka,
+    max_violation,
+    normalized_entropy,
+    normalized_mutual_information,
+)
+
+
+def top1(indices, e):
+    idx = torch.tensor(indices).view(-1, 1)
+    n = idx.shape[0]
+    return Routing(torch.zeros(n, e), torch.full((n, e), 1 / e), torch.ones(n, 1), idx)
 
 
 def test_balance_metrics_by_hand():
@@ -15,23 +28,101 @@ def test_balance_metrics_by_hand():
     assert math.isclose(m["cv_load"], std / mean, rel_tol=1e-9)
     assert m["cv_importance"] == 0.0
     assert math.isclose(m["max_mean_load"], 3.0)
+    assert math.isclose(m["max_vio"], 2.0)  # (6 − 2) / 2
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(4)
     assert math.isclose(m["load_entropy"], h, rel_tol=1e-9)
+    assert m["dead_experts"] == 2.0
 
 
 def test_extremes():
     assert normalized_entropy(torch.ones(8)) == 1.0
     assert normalized_entropy(torch.tensor([5.0, 0, 0])) == 0.0
     assert coefficient_of_variation(torch.tensor([3.0])) == 0.0
+    assert max_violation(torch.ones(4)) == 0.0
+
+
+def test_nmi_perfect_specialisation_is_one_and_random_is_near_zero():
+    perfect = torch.diag(torch.tensor([10.0, 20.0, 30.0]))
+    assert math.isclose(normalized_mutual_information(perfect), 1.0, rel_tol=1e-9)
+    # independent routing: the joint is the product of its marginals
+    independent = torch.outer(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 1.0]))
+    assert abs(normalized_mutual_information(independent)) < 1e-9
+    g = torch.Generator().manual_seed(0)
+    expert = torch.randint(0, 4, (20000,), generator=g)
+    label = torch.randint(0, 10, (20000,), generator=g)
+    joint = torch.zeros(4, 10).index_put_((expert, label), torch.ones(20000), accumulate=True)
+    assert normalized_mutual_information(joint) < 0.005
+
+
+def test_nmi_by_hand():
+    # 2 experts × 2 labels: p = [[0.4, 0.1], [0.1, 0.4]]
+    joint = torch.tensor([[4.0, 1.0], [1.0, 4.0]])
+    p = [[0.4, 0.1], [0.1, 0.4]]
+    mi = sum(p[i][j] * math.log(p[i][j] / 0.25) for i in range(2) for j in range(2))
+    assert math.isclose(normalized_mutual_information(joint), mi / math.log(2), rel_tol=1e-9)
+
+
+def test_gate_entropy_and_cka():
+    uniform = torch.full((3, 4), 0.25)
+    torch.testing.assert_close(gate_entropy(uniform), torch.ones(3, dtype=torch.float64))
+    onehot = torch.eye(4)[:3]
+    assert gate_entropy(onehot).abs().max() < 1e-12
+    x = torch.randn(200, 8)
+    q, _ = torch.linalg.qr(torch.randn(8, 8))
+    assert math.isclose(linear_cka(x, 3 * x @ q), 1.0, rel_tol=1e-6)
+    assert linear_cka(x, torch.randn(200, 8)) < 0.2
 
 
 def test_routing_stats_accumulate_over_batches():
-    stats = RoutingStats(2)
-    for idx in ([[0], [0]], [[1], [0]]):
-        idx = torch.tensor(idx)
-        stats.update(Routing(torch.zeros(2, 2), torch.full((2, 2), 0.5), torch.ones(2, 1), idx))
+    stats = RoutingStats(2, num_classes=2, latents={"colour": (1, 3)})
+    latents = torch.tensor([[0.0, 2.0], [0.0, 1.0]])
+    stats.update(top1([0, 0], 2), labels=torch.tensor([1, 1]), latents=latents)
+    stats.update(top1([1, 0], 2), labels=torch.tensor([0, 1]), latents=latents)
     out = stats.compute()
     assert out["load_e0"] == 0.75 and out["load_e1"] == 0.25
     assert math.isclose(out["max_mean_load"], 1.5)
+    assert out["experts_per_input"] == 1.0 and out["unrouted_fraction"] == 0.0
+    # expert 0 saw label 1 three times, expert 1 saw label 0 once: perfectly specialised
+    assert math.isclose(out["nmi_label"], 1.0)
+    torch.testing.assert_close(
+        stats.latent_mass["colour"], torch.tensor([[0.0, 2.0, 1.0], [0.0, 0.0, 1.0]]).double()
+    )
     stats.reset()
-    assert stats.load.sum() == 0
+    assert stats.load.sum() == 0 and stats.class_mass.sum() == 0
+
+
+def test_token_routing_repeats_image_labels():
+    stats = RoutingStats(2, num_classes=2)
+    # 2 images × 2 tokens: image 0's tokens go to expert 0, image 1's to expert 1
+    stats.update(top1([0, 0, 1, 1], 2), labels=torch.tensor([0, 1]))
+    assert math.isclose(stats.compute()["nmi_label"], 1.0)
+
+
+def test_unrouted_inputs_are_counted():
+    r = Routing(
+        torch.zeros(3, 2),
+        torch.full((3, 2), 0.5),
+        torch.ones(3, 2) * 0.5,
+        torch.tensor([[0, 1], [0, -1], [-1, -1]]),
+    )
+    stats = RoutingStats(2)
+    stats.update(r)
+    out = stats.compute()
+    assert math.isclose(out["experts_per_input"], 1.0) and math.isclose(
+        out["unrouted_fraction"], 1 / 3
+    )
+
+
+def test_per_expert_accuracy_on_routed_inputs():
+    r = top1([0, 1, 1, 0], 2)
+    # expert 0 got inputs 0 and 3, expert 1 inputs 1 and 2; their own predictions:
+    r.expert_predictions = (
+        torch.tensor([0, 3, 1, 2]),
+        torch.tensor([0, 0, 1, 1]),
+        torch.tensor([5, 2, 1, 3]),
+    )
+    stats = RoutingStats(2, num_classes=6)
+    stats.update(r, labels=torch.tensor([5, 1, 0, 2]))
+    out = stats.compute()
+    assert out["acc_e0"] == 1.0  # predicted 5 for label 5, 2 for label 2
+    assert out["acc_e1"] == 0.5  # right on input 1 (label 1), wrong on input 2 (label 0)

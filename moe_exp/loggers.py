@@ -1,0 +1,106 @@
+"""Weights & Biases through Lightning's WandbLogger, safe without a network.
+
+W&B runs online only when online is asked for (``mode=online`` or WANDB_MODE=online) AND an
+API key is configured (WANDB_API_KEY or a netrc entry); otherwise offline, so a run never
+blocks at a login prompt or waits on a network. The chosen mode is logged. The run id is
+kept in the run folder (``wandb_id.txt``) so a resumed run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("moe_exp")
+MODES = ("auto", "offline", "online")
+
+
+def _api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str = "auto") -> str:
+    """'online' only when asked for and a key exists; 'offline' otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"logger.wandb.mode={mode!r} is not one of {', '.join(MODES)}")
+    asked = mode == "online" or (mode == "auto" and os.environ.get("WANDB_MODE") == "online")
+    if asked and not _api_key_configured():
+        log.warning("W&B online mode was asked for but no API key is configured: logging offline")
+        return "offline"
+    return "online" if asked else "offline"
+
+
+def _hydra_names() -> tuple[str | None, str | None]:
+    """(group, name): the sweep's folder for a multirun, and the job's overrides."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None, None
+        hc = HydraConfig.get()
+        name = ",".join(hc.overrides.task) or "default"
+        if str(hc.mode) == "RunMode.MULTIRUN":
+            return f"sweep-{Path(hc.sweep.dir).name}", name
+        return "single", name
+    except Exception:
+        return None, None
+
+
+def wandb_logger(
+    save_dir: str,
+    project: str = "moe-exp",
+    mode: str = "auto",
+    group: str | None = None,
+    name: str | None = None,
+    tags: list[str] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A WandbLogger writing under ``save_dir/wandb``, offline unless online is safe."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    resolved = resolve_mode(mode)
+    os.environ["WANDB_MODE"] = resolved
+    os.environ.setdefault("WANDB_SILENT", "true")
+    id_file = Path(save_dir) / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id + "\n")
+    hydra_group, hydra_name = _hydra_names()
+    log.info("W&B logging %s (project %s, run id %s)", resolved.upper(), project, run_id)
+    return WandbLogger(
+        save_dir=save_dir,
+        project=project,
+        offline=resolved == "offline",
+        id=run_id,
+        resume="allow",
+        group=group or hydra_group,
+        name=name or hydra_name,
+        tags=tags,
+        **kwargs,
+    )
+
+
+def finish_wandb(loggers: list[Any], summary: dict[str, Any], images: list[Path]) -> None:
+    """Summary metrics and pictures to every W&B logger, then ``wandb.finish()`` so the next
+    job of a multirun starts its own run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    if not wandb_loggers:
+        return
+    import wandb
+
+    for lg in wandb_loggers:
+        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+        lg.experiment.summary.update(numbers)
+        for path in images:  # one key per picture: sizes differ
+            lg.log_image(f"plots/{path.stem}", images=[str(path)])
+    wandb.finish()

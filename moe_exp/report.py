@@ -1,0 +1,256 @@
+"""``moe-exp-report``: compare run folders offline.
+
+Reads every run folder (a folder holding ``summary.json``) under the given paths, derives the
+swept parameters from the overrides that differ between runs, aggregates runs that differ
+only by seed (mean ± std, n), and writes ``report.md``, ``report.csv`` (one row per group),
+``runs.csv`` (one row per run) and plots of each metric against each swept parameter.
+Failed, diverged and unfinished runs are listed with their status, never averaged in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS = (
+    "test/acc",
+    "val/acc",
+    "test/cv_load",
+    "test/max_mean_load",
+    "test/max_vio",
+    "test/dead_experts",
+    "test/nmi_label",
+    "flops_active",
+    "wall_time_s",
+)
+AGGREGATED_OVER = ("seed",)
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict[str, Any]
+    params: dict[str, str]
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status", "unknown"))
+
+    def metric(self, name: str) -> float | None:
+        """A metric, or the mean over MoE layers (``test/layer0/cv_load`` ...) when per layer."""
+        value = self.summary.get(name)
+        if isinstance(value, (int, float)):
+            return float(value)
+        split, _, rest = name.partition("/")
+        layered = [
+            v
+            for k, v in self.summary.items()
+            if k.startswith(f"{split}/layer") and k.endswith(f"/{rest}")
+        ]
+        return statistics.fmean(layered) if rest and layered else None
+
+
+@dataclass
+class Group:
+    params: dict[str, str]
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def completed(self) -> list[Run]:
+        return [r for r in self.runs if r.status == "completed"]
+
+    def status(self) -> str:
+        counts: dict[str, int] = defaultdict(int)
+        for r in self.runs:
+            counts[r.status] += 1
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+    def stats(self, metric: str) -> tuple[float, float, int]:
+        values = [v for r in self.completed if (v := r.metric(metric)) is not None]
+        if not values:
+            return math.nan, math.nan, 0
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.fmean(values), std, len(values)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """``["gate=topk", "+x=1", "hydra.foo=2"]`` → ``{"gate": "topk", "x": "1"}``."""
+    params = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        if sep and not key.startswith("hydra."):
+            params[key] = value
+    return params
+
+
+def find_runs(paths: Sequence[Path]) -> list[Run]:
+    runs = []
+    for root in paths:
+        candidates = [root / "summary.json"] if (root / "summary.json").is_file() else []
+        candidates += sorted(p for p in root.rglob("summary.json") if p.parent != root)
+        for summary_path in candidates:
+            try:
+                summary = json.loads(summary_path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                summary = {"status": "unreadable", "error": str(err)}
+            runs.append(
+                Run(summary_path.parent, summary, parse_overrides(summary.get("overrides", [])))
+            )
+    return runs
+
+
+def swept_parameters(runs: Sequence[Run]) -> list[str]:
+    """Override keys whose value is not the same in every run (seed excluded)."""
+    keys = sorted({k for r in runs for k in r.params})
+    return [
+        k
+        for k in keys
+        if k not in AGGREGATED_OVER and len({r.params.get(k, "default") for r in runs}) > 1
+    ]
+
+
+def group_runs(runs: Sequence[Run], swept: Sequence[str]) -> list[Group]:
+    groups: dict[tuple[str, ...], Group] = {}
+    for run in runs:
+        key = tuple(run.params.get(k, "default") for k in swept)
+        groups.setdefault(key, Group(dict(zip(swept, key, strict=True)))).runs.append(run)
+    return list(groups.values())
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if n == 0:
+        return "–"
+    digits = 0 if abs(mean) >= 1000 else 4
+    text = f"{mean:.{digits}f}"
+    return f"{text} ± {std:.{digits}f}" if n > 1 else text
+
+
+def build_report(
+    paths: Sequence[Path], out_dir: Path, metrics: Sequence[str] = METRICS, plots: bool = True
+) -> dict[str, Any]:
+    """Write report.md, report.csv, runs.csv and plots into ``out_dir``; return the table."""
+    runs = find_runs(paths)
+    if not runs:
+        raise SystemExit(
+            f"moe-exp-report: no run folders (summary.json) under {list(map(str, paths))}"
+        )
+    swept = swept_parameters(runs)
+    groups = group_runs(runs, swept)
+    header = [*swept, *metrics, "n", "status"]
+    rows = []
+    for g in groups:
+        cells = [g.params[k] for k in swept]
+        cells += [_fmt(*g.stats(m)) for m in metrics]
+        cells += [str(len(g.completed)), g.status()]
+        rows.append(cells)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_markdown(out_dir / "report.md", header, rows, runs)
+    with (out_dir / "report.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            [*swept, *(f"{m} {s}" for m in metrics for s in ("mean", "std")), "n", "status"]
+        )
+        for g in groups:
+            values = [v for m in metrics for v in g.stats(m)[:2]]
+            writer.writerow([*(g.params[k] for k in swept), *values, len(g.completed), g.status()])
+    with (out_dir / "runs.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        keys = sorted({k for r in runs for k in r.params})
+        writer.writerow(["path", "status", *keys, *metrics, "error"])
+        for r in runs:
+            writer.writerow(
+                [
+                    r.path,
+                    r.status,
+                    *(r.params.get(k, "") for k in keys),
+                    *(r.metric(m) for m in metrics),
+                    r.summary.get("error", ""),
+                ]
+            )
+    plot_paths = _plots(groups, swept, metrics, out_dir / "plots") if plots else []
+    return {"header": header, "rows": rows, "swept": swept, "runs": len(runs), "plots": plot_paths}
+
+
+def _write_markdown(path: Path, header: list[str], rows: list[list[str]], runs: list[Run]) -> None:
+    lines = ["# moe-exp report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    problems = [r for r in runs if r.status != "completed"]
+    if problems:
+        lines += ["", "## Runs that did not complete", ""]
+        lines += [
+            f"- `{r.path}`: **{r.status}** {r.summary.get('error', '')}".rstrip() for r in problems
+        ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _plots(groups: list[Group], swept: list[str], metrics: Sequence[str], out: Path) -> list[Path]:
+    from moe_exp.plots import metric_vs_parameter
+
+    paths = []
+    for parameter in swept:
+        for metric in metrics:
+            by_value: dict[str, list[float]] = defaultdict(list)
+            for g in groups:
+                by_value[g.params[parameter]] += [
+                    v for r in g.completed if (v := r.metric(metric)) is not None
+                ]
+            xs = [x for x in sorted(by_value, key=_sort_key) if by_value[x]]
+            if not xs:
+                continue
+            means = [statistics.fmean(by_value[x]) for x in xs]
+            stds = [statistics.stdev(by_value[x]) if len(by_value[x]) > 1 else 0.0 for x in xs]
+            name = f"{metric.replace('/', '_')}_vs_{parameter.replace('/', '_')}.png"
+            paths.append(metric_vs_parameter(xs, means, stds, metric, parameter, out / name))
+    return paths
+
+
+def _sort_key(value: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
+def print_table(table: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rich_table = Table(title=title)
+    for column in table["header"]:
+        rich_table.add_column(column, overflow="fold")
+    for cells in table["rows"]:
+        style = None if cells[-1].endswith("completed") and "," not in cells[-1] else "red"
+        rich_table.add_row(*cells, style=style)
+    Console(width=max(120, 14 * len(table["header"]))).print(rich_table)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="moe-exp-report", description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run folders or sweep folders")
+    parser.add_argument("--out", type=Path, help="where to write (default: the first path)")
+    parser.add_argument("--metrics", nargs="+", default=list(METRICS), help="columns to show")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        parser.error(f"no such folder: {', '.join(missing)}")
+    out = args.out or args.paths[0]
+    table = build_report(args.paths, out, args.metrics, plots=not args.no_plots)
+    print_table(table, f"{table['runs']} runs; swept: {', '.join(table['swept']) or 'nothing'}")
+    print(
+        f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'runs.csv'}"
+        f" and {len(table['plots'])} plots"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""What a finished run measures: cost, similarity, pictures, W&B offline, collapse alarm."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from moe_exp.callbacks import CollapseAlarm
+from moe_exp.cost import flops_per_sample
+from moe_exp.moe import MoE, TopKGate
+from moe_exp.similarity import expert_similarity, similarity_summary
+from tests.conftest import QUICK
+
+
+class LinearMixture(nn.Module):
+    def __init__(self, d, c, e, k):
+        super().__init__()
+        self.moe = MoE(TopKGate(d, e, k=k), [nn.Linear(d, c) for _ in range(e)])
+
+    def forward(self, x):
+        y, routing = self.moe(x)
+        return y, [routing]
+
+
+def test_flops_by_hand():
+    n, d, c, e, k = 32, 10, 6, 8, 2
+    model = LinearMixture(d, c, e, k)
+    flops = flops_per_sample(model, torch.randn(n, d))
+    router, expert = 2 * d * e, 2 * d * c  # per input: one matmul each
+    assert flops["flops_active"] == router + k * expert
+    assert flops["flops_dense_equal_params"] == router + e * expert
+
+
+def test_identical_experts_have_cka_one():
+    model = LinearMixture(6, 4, 3, 1)
+    model.moe.experts[1].load_state_dict(model.moe.experts[0].state_dict())
+    (cka,) = expert_similarity(model, torch.randn(64, 6))
+    assert abs(float(cka[0, 1]) - 1.0) < 1e-9 and float(cka[0, 2]) < 0.99
+    assert similarity_summary([cka])["expert_cka_max"] > 0.999
+
+
+def test_collapse_alarm_fires_after_patience(tmp_path):
+    alarm = CollapseAlarm(tmp_path, patience=2)
+    healthy = {"dead_experts": 0.0, "importance_e0": 0.3, "importance_e1": 0.7}
+    dead = {"dead_experts": 1.0, "importance_e0": 0.0, "importance_e1": 1.0}
+    assert alarm._problems(healthy) == ["one expert takes 70% of the routing weight"]
+    assert alarm._problems({"dead_experts": 0.0, "importance_e0": 0.5, "importance_e1": 0.5}) == []
+    assert "1 dead expert(s)" in alarm._problems(dead)
+
+    module = SimpleNamespace(history={"val": []}, log=lambda *args, **kwargs: None)
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0)
+    for epoch, metrics in enumerate([dead, dead, dead]):
+        trainer.current_epoch = epoch
+        module.history["val"].append(metrics)
+        alarm.on_train_epoch_end(trainer, module)
+    assert alarm.events == 1
+    (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert event["epoch"] == 1 and event["event"] == "collapse"
+
+
+def test_a_run_with_wandb_offline_writes_everything(cli, tmp_path, monkeypatch):
+    out = cli(*QUICK, "logger=[csv,wandb]")
+    assert out.returncode == 0, out.stderr
+    assert "W&B logging OFFLINE" in out.stdout + out.stderr
+    (summary_path,) = tmp_path.glob("outputs/runs/*/*/summary.json")
+    run = summary_path.parent
+    summary = json.loads(summary_path.read_text())
+    for key in (
+        "test/nmi_label",
+        "test/nmi_shape",
+        "test/nmi_colour",
+        "test/max_vio",
+        "test/gate_entropy",
+        "test/dead_experts",
+        "test/experts_per_input",
+        "flops_active",
+        "flops_dense_equal_params",
+        "expert_cka_mean",
+        "train_samples_per_s",
+        "collapse_events",
+    ):
+        assert key in summary, key
+    assert summary["flops_active"] < summary["flops_dense_equal_params"]
+    for name in (
+        "expert_class",
+        "expert_shape",
+        "expert_colour",
+        "gate_entropy",
+        "load_over_epochs",
+        "examples_per_expert",
+        "expert_similarity",
+    ):
+        png = run / "plots" / f"{name}.png"
+        assert png.is_file() and png.stat().st_size > 5000, name
+        assert f"plots/{name}.png" in summary["plots"]
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    (wandb_file,) = run.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+    blob = wandb_file.read_bytes()
+    # the nested config, the run's name (its overrides) and the summary metrics are logged
+    assert b"moe_exp.moe.gates.NoisyTopKGate" in blob and b"n_train" in blob
+    assert b"experiment=quick" in blob and b"test/acc" in blob
+    media = list(Path(wandb_file.parent, "files", "media", "images").rglob("*.png"))
+    assert len(media) >= 7

@@ -1,0 +1,65 @@
+"""moe-exp-report on real run folders."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from moe_exp.report import build_report, find_runs, parse_overrides, swept_parameters
+
+REPORT = str(Path(sys.executable).parent / "moe-exp-report")
+
+
+def test_overrides_parse_into_parameters():
+    assert parse_overrides(["gate=topk", "+x=1", "hydra.verbose=true", "seed=3"]) == {
+        "gate": "topk",
+        "x": "1",
+        "seed": "3",
+    }
+
+
+def test_report_on_a_real_2x2_multirun(quick_sweep, tmp_path):
+    out = subprocess.run(
+        [REPORT, str(quick_sweep), "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "swept: gate" in out.stdout and "noisy_topk" in out.stdout
+    md = (tmp_path / "report.md").read_text()
+    # seeds are aggregated: one row per gate, n = 2, mean ± std
+    rows = [
+        line
+        for line in md.splitlines()
+        if line.startswith("| topk") or line.startswith("| noisy_topk")
+    ]
+    assert len(rows) == 2 and all("± " in r and "| 2 | 2 completed |" in r for r in rows)
+    runs = find_runs([quick_sweep])
+    accs = [r.summary["test/acc"] for r in runs if r.params["gate"] == "topk"]
+    header = (tmp_path / "report.csv").read_text().splitlines()
+    topk = next(line for line in header if line.startswith("topk,"))
+    assert float(topk.split(",")[1]) == sum(accs) / 2
+    plots = list((tmp_path / "plots").glob("*.png"))
+    assert any(p.name == "test_acc_vs_gate.png" for p in plots)
+    assert all(p.stat().st_size > 1000 for p in plots)
+
+
+def test_failed_and_unfinished_runs_are_shown_never_averaged(quick_sweep, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(quick_sweep, sweep)
+    failed = sweep / "0" / "summary.json"
+    data = json.loads(failed.read_text())
+    data.update(status="failed", error="RuntimeError: boom")
+    failed.write_text(json.dumps(data))
+    running = sweep / "1" / "summary.json"
+    running.write_text(json.dumps({"status": "running", "overrides": data["overrides"]}))
+    table = build_report([sweep], tmp_path / "out", plots=False)
+    statuses = [row[-1] for row in table["rows"]]
+    assert any("1 failed" in s for s in statuses) or any("1 running" in s for s in statuses)
+    assert sum(int(row[-2]) for row in table["rows"]) == 2  # only completed runs counted
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "**failed** RuntimeError: boom" in md and "**running**" in md
+
+
+def test_only_differing_overrides_become_columns(quick_sweep):
+    runs = find_runs([quick_sweep])
+    assert swept_parameters(runs) == ["gate"]  # seed is aggregated, experiment=quick is fixed
