@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,8 @@ def default_run(overrides: list[str]) -> dict:
             sys.exit(f"moe-exp failed:\n{out.stderr[-3000:]}")
         (summary,) = Path(tmp).glob("outputs/runs/*/*/summary.json")
         data = json.loads(summary.read_text())
-    loads = [data[f"test/load_e{i}"] for i in range(len([k for k in data if "test/load_e" in k]))]
+    experts = sum(1 for k in data if re.fullmatch(r"test/load_e\d+", k))
+    loads = [data[f"test/load_e{i}"] for i in range(experts)]
     return {
         "wall_s": wall,
         "test_acc": data["test/acc"],

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from moe_exp.errors import DivergedError
@@ -46,6 +47,7 @@ class MoEClassifierModule(L.LightningModule):
         self.accuracy = nn.ModuleDict(
             {f"acc_{s}": MulticlassAccuracy(num_classes, average="micro") for s in SPLITS}
         )
+        self.means = nn.ModuleDict()  # "{split}__{name}" → MeanMetric, created on first use
         self.routing_stats: dict[str, list[RoutingStats]] = {s: [] for s in SPLITS}
         self.history: dict[str, list[dict[str, float]]] = {s: [] for s in SPLITS}
         self.test_tables: list[RoutingStats] = []
@@ -79,19 +81,38 @@ class MoEClassifierModule(L.LightningModule):
                 f"step {self.global_step} (cross-entropy {ce.item()}). Lower optim.lr "
                 "or the regularizer weights and run again."
             )
-        n = y.shape[0]
-        log = dict(on_step=False, on_epoch=True, batch_size=n)
-        self.log(f"{split}/loss", loss, prog_bar=split != "train", **log)
-        self.log(f"{split}/ce", ce, **log)
-        for name, value in aux.items():
-            self.log(f"{split}/aux_{name}", value, **log)
-        accuracy = self.accuracy[f"acc_{split}"]
-        accuracy(log_probs.detach(), y)
-        self.log(f"{split}/acc", accuracy, prog_bar=True, **log)
+        values = {"loss": loss, "ce": ce, **{f"aux_{k}": v for k, v in aux.items()}}
+        self.record_step(split, log_probs, y, values)
         self._track(split, routings, y, latents)
         if split == "test":
             self._keep_examples(x, routings[0])
         return loss
+
+    def record_step(
+        self, split: str, log_probs: Tensor, y: Tensor, values: Mapping[str, Tensor]
+    ) -> None:
+        """Accumulate a step's accuracy and scalar values; they are logged once per epoch.
+
+        torchmetrics accumulates (and syncs across processes); a ``self.log`` per value and
+        step cost ~1 ms each, over 10 % of a training step here.
+        """
+        self.accuracy[f"acc_{split}"].update(log_probs.detach(), y)
+        for name, value in values.items():
+            key = f"{split}__{name}"
+            if key not in self.means:
+                self.means[key] = MeanMetric().to(self.device)
+            self.means[key].update(value.detach(), weight=y.shape[0])
+
+    def _log_epoch_means(self, split: str) -> None:
+        accuracy = self.accuracy[f"acc_{split}"]
+        if accuracy.update_called:
+            self.log(f"{split}/acc", accuracy.compute(), prog_bar=True)
+        accuracy.reset()
+        for key, metric in self.means.items():
+            name = key.split("__", 1)
+            if name[0] == split and metric.update_called:
+                self.log(f"{split}/{name[1]}", metric.compute(), prog_bar=name[1] == "loss")
+                metric.reset()
 
     def training_step(self, batch, batch_idx: int) -> Tensor | None:
         if self.plan is not None:
@@ -139,6 +160,7 @@ class MoEClassifierModule(L.LightningModule):
         return out
 
     def _end_epoch(self, split: str) -> None:
+        self._log_epoch_means(split)
         values = self.utilisation(split)
         if self.plan is not None:
             self.log(f"{split}/stage_index", float(self.stage_index), on_epoch=True)

@@ -152,14 +152,8 @@ def _log_train(
             f"Training diverged in stage {module.stage!r}: the loss became {loss.item()} at "
             f"epoch {module.current_epoch}. Lower the stage's lr and run again."
         )
-    opts = dict(on_step=False, on_epoch=True, batch_size=y.shape[0])
-    module.log("train/loss", loss.detach(), **opts)
-    module.log("train/ce", F.nll_loss(log_probs.detach(), y), **opts)
-    for name, value in extra.items():
-        module.log(f"train/{name}", value.detach(), **opts)
-    accuracy = module.accuracy["acc_train"]
-    accuracy(log_probs.detach(), y)
-    module.log("train/acc", accuracy, prog_bar=True, **opts)
+    values = {"loss": loss, "ce": F.nll_loss(log_probs.detach(), y), **extra}
+    module.record_step("train", log_probs, y, values)
     module._track("train", [routing], y, latents)
 
 
