@@ -156,3 +156,20 @@ def test_an_installed_wheel_uses_the_packaged_configs(tmp_path):
     location = out.stdout.split("AT ", 1)[1].split("\n", 1)[0]
     assert location.startswith(str(site)) and str(site / "moe_exp" / "conf") in location
     assert "experts: 6" in out.stdout and "moe_exp.moe.gates.TopKGate" in out.stdout
+
+
+def test_a_diverging_job_stops_with_a_message_and_the_sweep_goes_on(cli, tmp_path):
+    from moe_exp.report import build_report
+
+    out = cli("-m", *QUICK, "optim.lr=0.003,1e9")
+    assert out.returncode != 0
+    assert "Training diverged: the loss became nan" in out.stderr
+    assert "Traceback" not in out.stderr
+    (sweep,) = tmp_path.glob("outputs/multiruns/*/*")
+    statuses = {}
+    for path in sweep.glob("*/summary.json"):
+        data = json.loads(path.read_text())
+        statuses[data["overrides"][-1]] = data["status"]
+    assert statuses == {"optim.lr=0.003": "completed", "optim.lr=1000000000.0": "diverged"}
+    table = build_report([sweep], tmp_path / "report", plots=False)
+    assert sorted(row[-1] for row in table["rows"]) == ["1 completed", "1 diverged"]
