@@ -32,7 +32,13 @@ def routing_heatmap(mass: Tensor, names: Sequence[str], attribute: str, path: Pa
     e, v = share.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * v + 2.5), max(2.5, 0.4 * e + 1.5)))
     image = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(v), labels=list(names), rotation=60 if v > 6 else 0, ha="right")
+    rotate = v > 6
+    ax.set_xticks(
+        range(v),
+        labels=list(names),
+        rotation=60 if rotate else 0,
+        ha="right" if rotate else "center",
+    )
     ax.set_yticks(range(e), labels=[f"expert {i}" for i in range(e)])
     ax.set_xlabel(attribute)
     ax.set_ylabel("expert")
