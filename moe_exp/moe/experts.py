@@ -94,7 +94,25 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"norm={kind!r} is not one of batch, group, none")
 
 
-class CNNExpert(nn.Module):
+class _PooledConvExpert(nn.Module):
+    """Conv features → global average pool → dropout → linear read-out; flat inputs are
+    reshaped to the image shape first."""
+
+    image_shape: tuple[int, int, int]
+
+    def finish(
+        self, layers: list[nn.Module], channels: int, num_outputs: int, dropout: float
+    ) -> None:
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            x = x.reshape(x.shape[0], *self.image_shape)
+        return self.head(self.features(x))
+
+
+class CNNExpert(_PooledConvExpert):
     """A small CNN classifier: three 3×3 conv stages (the first two stride 2), global pooling.
 
     Strided convolutions keep it cheap (~1 M multiply-adds on 32×32 at width 16), so a
@@ -125,13 +143,7 @@ class CNNExpert(nn.Module):
                 nn.Dropout(dropout),
             ]
             channels = w
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_outputs))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            x = x.reshape(x.shape[0], *self.image_shape)
-        return self.head(self.features(x))
+        self.finish(layers, channels, num_outputs, dropout)
 
 
 class BasicBlock(nn.Module):
@@ -157,7 +169,7 @@ class BasicBlock(nn.Module):
         return (self.norm2(self.conv2(h)) + self.shortcut(x)).relu()
 
 
-class ResNetExpert(nn.Module):
+class ResNetExpert(_PooledConvExpert):
     """A small residual CNN: a strided 3×3 stem, then stages of basic blocks at widths
     (w, 2w, 4w), each later stage halving the resolution; global pooling and a linear read-out.
 
@@ -192,13 +204,7 @@ class ResNetExpert(nn.Module):
                 stride = 2 if stage > 0 and b == 0 else 1
                 layers.append(BasicBlock(channels, c_out, stride, norm, dropout))
                 channels = c_out
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_outputs))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            x = x.reshape(x.shape[0], *self.image_shape)
-        return self.head(self.features(x))
+        self.finish(layers, channels, num_outputs, dropout)
 
 
 class SoftTreeExpert(nn.Module):
