@@ -14,6 +14,7 @@ report ``parameter_counts()``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from moe_exp.moe import MoE, Regularizer, Routing
 from moe_exp.moe.bank import ACTIVATIONS, MLPExpertBank
-from moe_exp.moe.experts import attach_experts, build_experts, first_kind
+from moe_exp.moe.experts import build_experts, first_kind
 
 COMBINES = ("probs", "logits")
 
@@ -44,7 +45,7 @@ class GateEncoder(nn.Module):
             )
             self.out_features = 8 * width
         else:
-            d = int(torch.tensor(in_shape).prod())
+            d = math.prod(in_shape)
             self.net = nn.Sequential(nn.Flatten(), nn.Linear(d, 4 * width), nn.ReLU())
             self.out_features = 4 * width
 
@@ -74,8 +75,8 @@ class MixtureClassifier(nn.Module):
     ``combine="probs"`` the routed mixture and each shared expert get equal
     weight, p = (routed mixture + Σ_s p_s) / (1 + S), so p stays a distribution.
 
-    Regularizers that declare ``needs_experts`` (e.g. the soft trees' ``tree_balance``) are
-    handed the routed experts.
+    Regularizers that declare ``needs_experts`` (the soft trees' ``tree_balance``) get the
+    routed experts from the MoE layer.
     """
 
     def __init__(
@@ -104,7 +105,6 @@ class MixtureClassifier(nn.Module):
             first_kind(expert)(in_shape=tuple(in_shape), num_outputs=num_classes)
             for _ in range(shared_experts)
         )
-        attach_experts(regularizers, experts)
         self.moe = MoE(
             router(in_features=self.gate_encoder.out_features, num_experts=num_experts),
             experts,
@@ -119,17 +119,21 @@ class MixtureClassifier(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         mixed, routing = self.moe(x, router_input=self.gate_encoder(x))
+        return self.combine_log_probs(mixed, x), [routing]
+
+    def combine_log_probs(self, mixed: Tensor, x: Tensor) -> Tensor:
+        """The combiner's last step: the routed mixture (the MoE layer's output) plus the
+        shared experts (which read ``x``) → log p(y|x). Training strategies that mix the
+        experts themselves finish through here too."""
         if self.combine == "probs":
             mixed = _fill_to_uniform(mixed)
             if len(self.shared):
                 shared = sum(e(x).softmax(-1) for e in self.shared)
                 mixed = (mixed + shared) / (1 + len(self.shared))
-            log_probs = mixed.clamp_min(1e-12).log()
-        else:
-            if len(self.shared):
-                mixed = mixed + sum(e(x) for e in self.shared)
-            log_probs = F.log_softmax(mixed, dim=-1)
-        return log_probs, [routing]
+            return mixed.clamp_min(1e-12).log()
+        if len(self.shared):
+            mixed = mixed + sum(e(x) for e in self.shared)
+        return F.log_softmax(mixed, dim=-1)
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, and those active for one input: the gate, the shared experts and
@@ -285,7 +289,6 @@ class VisionMoE(nn.Module):
                 )
             )
         self.blocks = nn.ModuleList(blocks)
-        attach_experts(regularizers, [moe.experts for moe in self.moe_layers])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 

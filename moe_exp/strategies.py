@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_exp.errors import ConfigError, DivergedError
+from moe_exp.errors import ConfigError
 from moe_exp.moe import Routing
 from moe_exp.moe.layer import dispatch_combine
 
@@ -109,22 +109,21 @@ def mixture_parts(module: Any, strategy: str) -> Any:
     return model
 
 
+def _layout(model: Any, x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if model.channels_last else x
+
+
 def expert_logits(model: Any, x: Tensor) -> Tensor:
     """Every expert's raw outputs on every input, [N, E, C]."""
-    if getattr(model, "channels_last", False):
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = _layout(model, x)
     return torch.stack([expert(x) for expert in model.moe.experts], dim=1)
 
 
-def mixture_log_probs(model: Any, z: Tensor, gates: Tensor) -> Tensor:
-    """log p(y|x) of the mixture, from expert outputs z [N, E, C] and dense gates [N, E],
-    combined as the model combines them."""
-    from moe_exp.models import _fill_to_uniform
-
-    if model.combine == "probs":
-        mixed = _fill_to_uniform((gates.unsqueeze(-1) * z.softmax(-1)).sum(1))
-        return mixed.clamp_min(1e-12).log()
-    return F.log_softmax((gates.unsqueeze(-1) * z).sum(1), dim=-1)
+def mixture_log_probs(model: Any, z: Tensor, gates: Tensor, x: Tensor) -> Tensor:
+    """log p(y|x) of the mixture from expert outputs z [N, E, C] and dense gates [N, E]:
+    mixed as the MoE layer mixes, finished by the model's own combiner."""
+    outputs = model.moe.transform(z) if model.moe.transform is not None else z
+    return model.combine_log_probs((gates.unsqueeze(-1) * outputs).sum(1), x)
 
 
 def em_posteriors(gate_log_probs: Tensor, expert_log_lik: Tensor) -> Tensor:
@@ -147,11 +146,7 @@ def _log_train(
 ) -> None:
     """The same train/* metrics as the joint step (loss, ce, acc, utilisation), plus extras."""
     _, y, latents = batch
-    if not torch.isfinite(loss):
-        raise DivergedError(
-            f"Training diverged in stage {module.stage!r}: the loss became {loss.item()} at "
-            f"epoch {module.current_epoch}. Lower the stage's lr and run again."
-        )
+    module.check_finite(loss)
     values = {"loss": loss, "ce": F.nll_loss(log_probs.detach(), y), **extra}
     module.record_step("train", log_probs, y, values)
     module._track("train", [routing], y, latents)
@@ -492,13 +487,9 @@ class HierarchicalStrategy(_Plan):
             weights=torch.ones_like(part, dtype=x.dtype)[:, None],
             indices=part[:, None],
         )
-        if model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _layout(model, x)
         mixed = dispatch_combine(x, routing, model.moe.experts, model.moe.transform, True)
-        if model.combine == "probs":
-            log_probs = mixed.clamp_min(1e-12).log()
-        else:
-            log_probs = F.log_softmax(mixed, dim=-1)
+        log_probs = model.combine_log_probs(mixed, x)
         loss = F.nll_loss(log_probs, y)
         _log_train(module, loss, log_probs, batch, routing)
         return loss
@@ -520,7 +511,7 @@ class HierarchicalStrategy(_Plan):
         routing = model.moe.router(model.gate_encoder(x))
         loss = -(target * F.log_softmax(routing.logits, -1)).sum(-1).mean()
         with torch.no_grad():
-            log_probs = mixture_log_probs(model, z, routing.gates())
+            log_probs = mixture_log_probs(model, z, routing.gates(), x)
         _record_chosen(routing, z)
         _log_train(module, loss, log_probs, batch, routing, gate_ce=loss)
         return loss
@@ -568,9 +559,7 @@ class EMStrategy(_Plan):
             loss = expert_loss + gate_loss
             self.step(module, loss)
         with torch.no_grad():
-            log_probs = torch.logsumexp(
-                log_g.detach().unsqueeze(-1) + F.log_softmax(z.detach(), -1), dim=1
-            )
+            log_probs = mixture_log_probs(self.model, z, log_g.exp(), batch[0])
         _record_chosen(routing, z.detach())
         _log_train(
             module,

@@ -299,7 +299,8 @@ class TreeBalanceLoss(Regularizer):
     """Frosst & Hinton's (2017) balance penalty of the soft-tree experts, λ·Σ_trees C_tree.
 
     The penalty belongs to the experts, not to the router, so the model hands this
-    regularizer its experts at construction (``needs_experts``: :meth:`attach`). Each call
+    regularizer its experts at construction (``needs_experts``: the MoE layer calls
+    :meth:`attach`). Each call
     sums the penalties the trees stored in the forward pass that produced ``routing``, from
     the trees whose expert received inputs in that routing (so a stale value from an earlier
     call is never used), and clears them all. Experts that are not trees contribute nothing,
@@ -342,15 +343,6 @@ class TreeBalanceLoss(Regularizer):
             if penalty is not None and (i is None or load[i] > 0):
                 total = total + penalty
         return total
-
-
-def attach_experts(
-    regularizers: Mapping[str, nn.Module] | None, experts: Sequence[nn.Module] | nn.Module
-) -> None:
-    """Give every regularizer that declares ``needs_experts = True`` a reference to ``experts``."""
-    for reg in (regularizers or {}).values():
-        if getattr(reg, "needs_experts", False):
-            reg.attach(experts)
 
 
 # -- heterogeneous mixtures ----------------------------------------------------------------

@@ -10,7 +10,8 @@ A convention worth knowing: weights normalised over the k kept experts sum to 1,
 k = 1 they are constant and the task loss gives the router no gradient (only regularizers
 train it). Switch and BASE instead weight by the router's own probability / sigmoid score,
 as their papers do, and expert choice by the chosen pairs' probabilities, so their weights
-sum to less than 1 per input (a residual path, or renormalisation, must carry the rest).
+sum to less than 1 per input (a residual path must carry the rest; the whole-image mixture
+gives it to the uniform distribution).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from moe_exp.moe.routing import Routing, expert_capacity, limit_capacity
 
 class Router(nn.Module):
     """A linear router: logits = h · W (+ b). Subclasses decide who gets each input."""
-
-    sparse: bool = True
 
     def __init__(
         self,
@@ -78,8 +77,6 @@ class SoftmaxGate(Router):
     ``k`` is accepted for a uniform signature and ignored: a dense gate uses all experts.
     """
 
-    sparse = False
-
     def __init__(self, in_features: int, num_experts: int, k: int | None = None) -> None:
         super().__init__(in_features, num_experts, k=num_experts)
 
@@ -90,9 +87,9 @@ class SoftmaxGate(Router):
         return Routing(logits=logits, probs=probs, weights=probs, indices=indices)
 
 
-def _top_k_routing(logits: Tensor, selection_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Pick the k largest ``selection_logits``; weights = softmax over the kept ones."""
-    top_values, indices = selection_logits.topk(k, dim=-1)
+def _top_k_routing(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Pick the k largest logits; weights = softmax over the kept ones."""
+    top_values, indices = logits.topk(k, dim=-1)
     return top_values.softmax(-1), indices
 
 
@@ -104,7 +101,7 @@ class TopKGate(Router):
 
     def forward(self, h: Tensor) -> Routing:
         logits = self.logits(h)
-        weights, indices = _top_k_routing(logits, logits, self.k)
+        weights, indices = _top_k_routing(logits, self.k)
         return self._route(logits, logits.softmax(-1), weights, indices)
 
 
@@ -134,11 +131,11 @@ class NoisyTopKGate(Router):
     def forward(self, h: Tensor) -> Routing:
         clean = self.logits(h)
         if not self.training:
-            weights, indices = _top_k_routing(clean, clean, self.k)
+            weights, indices = _top_k_routing(clean, self.k)
             return self._route(clean, clean.softmax(-1), weights, indices)
         std = F.softplus(self.noise(h)) + 1e-2  # floor: keeps the Φ argument finite
         noisy = clean + torch.randn_like(clean) * std
-        weights, indices = _top_k_routing(noisy, noisy, self.k)
+        weights, indices = _top_k_routing(noisy, self.k)
         smooth_load = self._smooth_load(clean, noisy, std)
         return self._route(clean, clean.softmax(-1), weights, indices, smooth_load=smooth_load)
 
@@ -239,8 +236,6 @@ class SoftMoEGate(Router):
     The record's ``weights``/``probs`` are the combine weights summed per expert, ``load``
     and importance are their sums over the batch. ``k`` is E: every expert sees every input.
     """
-
-    sparse = False
 
     def __init__(
         self,
@@ -461,7 +456,7 @@ class CosineGate(Router):
 
     def forward(self, h: Tensor) -> Routing:
         logits = self.logits(h)
-        weights, indices = _top_k_routing(logits, logits, self.k)
+        weights, indices = _top_k_routing(logits, self.k)
         return self._route(logits, logits.softmax(-1), weights, indices)
 
 
@@ -505,9 +500,9 @@ class HierarchicalGate(Router):
         n, g, m = h.shape[0], self.num_groups, self.per_group
         group_logits = self.group_proj(h)  # [N, G]
         expert_logits = self.proj(h).view(n, g, m)  # [N, G, E/G]
-        group_weights, groups = _top_k_routing(group_logits, group_logits, self.k_group)
+        group_weights, groups = _top_k_routing(group_logits, self.k_group)
         kept = expert_logits.gather(1, groups.unsqueeze(-1).expand(-1, -1, m))  # [N, kg, E/G]
-        expert_weights, local = _top_k_routing(kept, kept, self.k_within)  # [N, kg, k]
+        expert_weights, local = _top_k_routing(kept, self.k_within)  # [N, kg, k]
         weights = (group_weights.unsqueeze(-1) * expert_weights).flatten(1)
         indices = (groups.unsqueeze(-1) * m + local).flatten(1)
         probs = group_logits.softmax(-1).unsqueeze(-1) * expert_logits.softmax(-1)

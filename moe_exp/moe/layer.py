@@ -63,7 +63,7 @@ def dispatch_combine(
     :func:`soft_dispatch_combine`. With ``record_predictions`` (experts that are classifiers)
     each kept assignment's predicted class is stored in ``routing.expert_predictions``.
     """
-    if routing.dispatch is not None:
+    if routing.is_soft:
         return soft_dispatch_combine(x, routing, experts, transform)
     grouped = isinstance(experts, GroupedExperts)
     rows, weights, counts = sort_by_expert(
@@ -128,6 +128,7 @@ class MoE(nn.Module):
     The router reads ``router_input`` when given (e.g. a separate gating network's features)
     and ``x`` otherwise; the experts always read ``x``. ``record_predictions``: the experts
     are classifiers, so record each one's predicted class (for per-expert accuracy).
+    Regularizers that declare ``needs_experts`` are handed this layer's experts.
     """
 
     def __init__(
@@ -149,6 +150,9 @@ class MoE(nn.Module):
         self.router = router
         self.experts = experts if grouped else nn.ModuleList(experts)
         self.regularizers = nn.ModuleDict(dict(regularizers or {}))
+        for reg in self.regularizers.values():  # e.g. tree balance: a penalty of the experts
+            if getattr(reg, "needs_experts", False):
+                reg.attach(self.experts if grouped else list(self.experts))
         self.transform = transform
 
     @property

@@ -156,7 +156,7 @@ class RoutingStats:
         self.importance += routing.importance().detach().double().cpu()
         self.dropped += routing.dropped
         self.assignments += routing.indices.numel()
-        received = (routing.indices >= 0).sum(-1)
+        received = routing.experts_per_input()
         self.inputs += received.numel()
         self.experts_received += int(received.sum())
         self.unrouted += int((received == 0).sum())
