@@ -1,5 +1,5 @@
-"""Lightning callbacks of the runner: a progress bar fit for terminals and CI logs, a
-one-line epoch summary in the run's log, and the routing-collapse alarm."""
+"""Lightning callbacks of the runner: a progress bar fit for terminals and CI logs, and the
+routing-collapse alarm."""
 
 from __future__ import annotations
 
@@ -46,19 +46,6 @@ class LineProgressBar(ProgressBar):
 def progress_bar() -> ProgressBar:
     """A live bar in a terminal; quarter-epoch lines anywhere else."""
     return TQDMProgressBar() if sys.stdout.isatty() else LineProgressBar()
-
-
-class EpochSummary(L.Callback):
-    """Logs accuracy, loss and load balance once per epoch, so a log file tells the story."""
-
-    KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/cv_load", "val/max_mean_load")
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        metrics = trainer.callback_metrics
-        parts = [f"{k}={float(metrics[k]):.4f}" for k in self.KEYS if k in metrics]
-        log.info("epoch %d: %s", trainer.current_epoch, "  ".join(parts))
 
 
 class CollapseAlarm(L.Callback):

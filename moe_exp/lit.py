@@ -3,6 +3,7 @@ per-epoch utilisation and specialisation of every MoE layer, from the routing re
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,8 @@ from moe_exp.moe import Routing, RoutingStats
 
 SPLITS = ("train", "val", "test")
 EXAMPLES_PER_EXPERT = 8
+EPOCH_LINE_VAL_KEYS = ("loss", "acc", "cv_load", "max_mean_load")
+log = logging.getLogger("moe_exp")
 
 
 class MoEClassifierModule(L.LightningModule):
@@ -75,18 +78,24 @@ class MoEClassifierModule(L.LightningModule):
             for name, value in routing.aux_losses.items():
                 aux[name] = aux.get(name, 0.0) + value
         loss = ce + sum(aux.values(), torch.zeros((), device=ce.device))
-        if split == "train" and not torch.isfinite(loss):
-            raise DivergedError(
-                f"Training diverged: the loss became {loss.item()} at epoch {self.current_epoch}, "
-                f"step {self.global_step} (cross-entropy {ce.item()}). Lower optim.lr "
-                "or the regularizer weights and run again."
-            )
+        if split == "train":
+            self.check_finite(loss)
         values = {"loss": loss, "ce": ce, **{f"aux_{k}": v for k, v in aux.items()}}
         self.record_step(split, log_probs, y, values)
         self._track(split, routings, y, latents)
         if split == "test":
             self._keep_examples(x, routings[0])
         return loss
+
+    def check_finite(self, loss: Tensor) -> None:
+        """The divergence guard: a NaN or infinite training loss stops the run at once."""
+        if not torch.isfinite(loss):
+            stage = f" in stage {self.stage!r}" if self.stage else ""
+            raise DivergedError(
+                f"Training diverged{stage}: the loss became {loss.item()} at epoch "
+                f"{self.current_epoch}, step {self.global_step}. Lower the learning rate "
+                "(optim.lr, or the stage's lr) or the regularizer weights and run again."
+            )
 
     def record_step(
         self, split: str, log_probs: Tensor, y: Tensor, values: Mapping[str, Tensor]
@@ -103,16 +112,21 @@ class MoEClassifierModule(L.LightningModule):
                 self.means[key] = MeanMetric().to(self.device)
             self.means[key].update(value.detach(), weight=y.shape[0])
 
-    def _log_epoch_means(self, split: str) -> None:
+    def _log_epoch_means(self, split: str) -> dict[str, float]:
+        """Log (and return) the epoch's accuracy and mean step values, then reset them."""
+        values: dict[str, float] = {}
         accuracy = self.accuracy[f"acc_{split}"]
         if accuracy.update_called:
-            self.log(f"{split}/acc", accuracy.compute(), prog_bar=True)
+            values["acc"] = float(accuracy.compute())
         accuracy.reset()
         for key, metric in self.means.items():
             name = key.split("__", 1)
             if name[0] == split and metric.update_called:
-                self.log(f"{split}/{name[1]}", metric.compute(), prog_bar=name[1] == "loss")
+                values[name[1]] = float(metric.compute())
                 metric.reset()
+        for name, value in values.items():
+            self.log(f"{split}/{name}", value, prog_bar=name in ("acc", "loss"))
+        return values
 
     def training_step(self, batch, batch_idx: int) -> Tensor | None:
         if self.plan is not None:
@@ -160,14 +174,14 @@ class MoEClassifierModule(L.LightningModule):
         return out
 
     def _end_epoch(self, split: str) -> None:
-        self._log_epoch_means(split)
+        means = self._log_epoch_means(split)
         values = self.utilisation(split)
         if self.plan is not None:
             self.log(f"{split}/stage_index", float(self.stage_index), on_epoch=True)
         if values:
             self.log_dict({f"{split}/{k}": v for k, v in values.items()}, on_epoch=True)
         if not self.trainer.sanity_checking:
-            self.history[split].append(values)
+            self.history[split].append({**means, **values})
         if split == "test":
             self.test_tables = self.routing_stats[split]
             self.routing_stats[split] = []
@@ -183,6 +197,19 @@ class MoEClassifierModule(L.LightningModule):
         self.train_samples_per_s = self._epoch_samples / seconds
         self.log("train/samples_per_s", self.train_samples_per_s, on_epoch=True)
         self._end_epoch("train")
+        self._log_epoch_line()
+
+    def _log_epoch_line(self) -> None:
+        """One line per epoch in the run's log: loss, accuracy and balance (validation runs
+        before this hook, so its values are this epoch's)."""
+        parts = [
+            f"{split}/{key}={self.history[split][-1][key]:.4f}"
+            for split, keys in (("train", ("loss", "acc")), ("val", EPOCH_LINE_VAL_KEYS))
+            if self.history[split]
+            for key in keys
+            if key in self.history[split][-1]
+        ]
+        log.info("epoch %d: %s", self.current_epoch, "  ".join(parts))
 
     def on_validation_epoch_end(self) -> None:
         self._end_epoch("val")

@@ -66,7 +66,7 @@ def _quiet_lightning() -> None:
 def make_trainer(cfg: DictConfig, run_dir: Path) -> Any:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from moe_exp.callbacks import CollapseAlarm, EpochSummary, progress_bar
+    from moe_exp.callbacks import CollapseAlarm, progress_bar
 
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -82,7 +82,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Any:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return build(
         cfg.trainer,
-        callbacks=[checkpoint, progress_bar(), EpochSummary(), CollapseAlarm(run_dir)],
+        callbacks=[checkpoint, progress_bar(), CollapseAlarm(run_dir)],
         logger=loggers or False,
         default_root_dir=str(run_dir),
     )
