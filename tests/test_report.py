@@ -50,11 +50,12 @@ def test_failed_and_unfinished_runs_are_shown_never_averaged(quick_sweep, tmp_pa
     data = json.loads(failed.read_text())
     data.update(status="failed", error="RuntimeError: boom")
     failed.write_text(json.dumps(data))
-    running = sweep / "1" / "summary.json"
-    running.write_text(json.dumps({"status": "running", "overrides": data["overrides"]}))
+    running = sweep / "2" / "summary.json"
+    overrides = json.loads(running.read_text())["overrides"]
+    running.write_text(json.dumps({"status": "running", "overrides": overrides}))
     table = build_report([sweep], tmp_path / "out", plots=False)
     statuses = [row[-1] for row in table["rows"]]
-    assert any("1 failed" in s for s in statuses) or any("1 running" in s for s in statuses)
+    assert sorted(statuses) == ["1 completed, 1 failed", "1 completed, 1 running"]
     assert sum(int(row[-2]) for row in table["rows"]) == 2  # only completed runs counted
     md = (tmp_path / "out" / "report.md").read_text()
     assert "**failed** RuntimeError: boom" in md and "**running**" in md
