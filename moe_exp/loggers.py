@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -88,19 +89,19 @@ def wandb_logger(
     )
 
 
-def finish_wandb(loggers: list[Any], summary: dict[str, Any], images: list[Path]) -> None:
-    """Summary metrics and pictures to every W&B logger, then ``wandb.finish()`` so the next
-    job of a multirun starts its own run."""
+def log_to_wandb(loggers: list[Any], summary: dict[str, Any], images: list[Path]) -> None:
+    """Summary metrics and pictures to every W&B logger of a finished run."""
     from lightning.pytorch.loggers import WandbLogger
 
-    wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
-    if not wandb_loggers:
-        return
-    import wandb
-
-    for lg in wandb_loggers:
+    for lg in (lg for lg in loggers if isinstance(lg, WandbLogger)):
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
         lg.experiment.summary.update(numbers)
         for path in images:  # one key per picture: sizes differ
             lg.log_image(f"plots/{path.stem}", images=[str(path)])
-    wandb.finish()
+
+
+def close_wandb(failed: bool) -> None:
+    """``wandb.finish()`` after every job, so a multirun's next job starts its own W&B run."""
+    wandb = sys.modules.get("wandb")  # never imported unless a W&B logger was built
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)

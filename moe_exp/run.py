@@ -5,7 +5,6 @@ here, off the path of ``--help``."""
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_exp.config import build, validate
 from moe_exp.errors import DivergedError
+from moe_exp.loggers import close_wandb
 from moe_exp.record import RunRecord
 
 log = logging.getLogger("moe_exp")
@@ -31,12 +31,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> f
         results = _train_and_test(cfg, run_dir, record)
     except DivergedError as err:
         record.finish("diverged", error=str(err))
-        _close_wandb(failed=True)
         raise
     except BaseException as err:
         record.finish("failed", error=f"{type(err).__name__}: {err}")
-        _close_wandb(failed=True)
         raise
+    finally:
+        close_wandb(failed=record.data["status"] != "completed")
     cv_load = [v for k, v in results.items() if k.startswith("test/") and k.endswith("cv_load")]
     log.info(
         "done in %.1f s: test/acc=%.4f val/acc=%.4f test/cv_load=%s → %s",
@@ -47,13 +47,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> f
         run_dir,
     )
     return float(results["val/acc"])
-
-
-def _close_wandb(failed: bool) -> None:
-    """A multirun's next job must not log into this job's W&B run."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=1 if failed else 0)
 
 
 def _quiet_lightning() -> None:
@@ -88,18 +81,6 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Any:
     )
 
 
-def latent_values(datamodule: Any) -> dict[str, tuple[int, list[str]]]:
-    """The data's discrete latent attributes: name → (latents column, value names)."""
-    names = getattr(datamodule, "latent_values", {}) or {}
-    train = datamodule.splits["train"].latents
-    out = {}
-    for name in getattr(datamodule, "discrete_latents", ()) or ():
-        column = datamodule.latent_names.index(name)
-        count = int(train[:, column].max()) + 1 if len(train) else 0
-        out[name] = (column, list(names.get(name) or [str(v) for v in range(count)]))
-    return out
-
-
 def build_components(cfg: DictConfig) -> tuple[Any, Any]:
     """The datamodule (set up) and the LightningModule wrapping the configured model."""
     from moe_exp.lit import MoEClassifierModule
@@ -115,11 +96,8 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
         router=build(cfg.gate),
         regularizers=build(cfg.get("regularizer")) or {},
     )
-    latents = {
-        name: (col, len(values)) for name, (col, values) in latent_values(datamodule).items()
-    }
     module = MoEClassifierModule(
-        model, datamodule.num_classes, cfg.experts, latents=latents, **cfg.optim
+        model, datamodule.num_classes, cfg.experts, latents=datamodule.latent_spec(), **cfg.optim
     )
     return datamodule, module
 
@@ -134,8 +112,7 @@ def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any
     results: dict[str, Any] = dict(flops_per_sample(module.model, probe))
     matrices = expert_similarity(module.model, probe)
     results.update(similarity_summary(matrices))
-    names = {"label": datamodule.class_names}
-    names.update({k: v for k, (_, v) in latent_values(datamodule).items()})
+    names = {"label": datamodule.class_names, **datamodule.latent_values}
     plots_dir = run_dir / "plots"
     paths = run_plots(module, names, plots_dir)
     for i, cka in enumerate(matrices):
@@ -148,7 +125,7 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, record: RunRecord) -> dict[s
     import lightning as L
 
     from moe_exp.callbacks import CollapseAlarm
-    from moe_exp.loggers import finish_wandb
+    from moe_exp.loggers import log_to_wandb
 
     _quiet_lightning()
     torch.set_num_threads(cfg.threads)
@@ -176,5 +153,5 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, record: RunRecord) -> dict[s
         plots=[str(p.relative_to(run_dir)) for p in plots],
     )
     record.finish("completed", **results)
-    finish_wandb(trainer.loggers, record.data, plots)
+    log_to_wandb(trainer.loggers, record.data, plots)
     return results
