@@ -7,7 +7,7 @@ combiner mixes the chosen experts' outputs with the gate weights.
 ``VisionMoE`` puts MoE layers inside a small vision transformer, routing patch tokens
 (Riquelme et al. 2021, "Scaling vision with sparse mixture of experts").
 
-Both take the keywords ``run.build_components`` passes (in_shape, num_classes, num_experts,
+Both take the keywords ``build.build_components`` passes (in_shape, num_classes, num_experts,
 expert, router, regularizers), return (log-probabilities, [Routing per MoE layer]) and
 report ``parameter_counts()``.
 """

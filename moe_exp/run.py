@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from moe_exp.build import build_components
 from moe_exp.config import build, validate
 from moe_exp.errors import DivergedError
 from moe_exp.loggers import close_wandb
@@ -73,33 +74,13 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Any:
     loggers = [build(node, save_dir=str(run_dir)) for node in (cfg.get("logger") or {}).values()]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    extra = [build(node) for node in (cfg.get("callbacks") or {}).values()]
     return build(
         cfg.trainer,
-        callbacks=[checkpoint, progress_bar(), CollapseAlarm(run_dir)],
+        callbacks=[checkpoint, progress_bar(), CollapseAlarm(run_dir), *extra],
         logger=loggers or False,
         default_root_dir=str(run_dir),
     )
-
-
-def build_components(cfg: DictConfig) -> tuple[Any, Any]:
-    """The datamodule (set up) and the LightningModule wrapping the configured model."""
-    from moe_exp.lit import MoEClassifierModule
-
-    datamodule = build(cfg.data)
-    datamodule.setup()
-    model = build(
-        cfg.model,
-        in_shape=datamodule.in_shape,
-        num_classes=datamodule.num_classes,
-        num_experts=cfg.experts,
-        expert=build(cfg.expert),
-        router=build(cfg.gate),
-        regularizers=build(cfg.get("regularizer")) or {},
-    )
-    module = MoEClassifierModule(
-        model, datamodule.num_classes, cfg.experts, latents=datamodule.latent_spec(), **cfg.optim
-    )
-    return datamodule, module
 
 
 def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any], list[Path]]:

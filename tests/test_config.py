@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from moe_exp.build import build_components
 from moe_exp.config import validate
 from moe_exp.errors import ConfigError
-from moe_exp.run import build_components
 from tests.conftest import QUICK, compose_config, config_options
 from tests.data.disk_formats import ON_DISK, write
 

@@ -6,8 +6,9 @@ import lightning as L
 import pytest
 import torch
 
+from moe_exp.build import build_components
 from moe_exp.errors import ConfigError
-from moe_exp.run import build_components, make_trainer
+from moe_exp.run import make_trainer
 from moe_exp.strategies import (
     EMStrategy,
     HierarchicalStrategy,

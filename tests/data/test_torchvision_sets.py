@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from moe_exp.build import build_components
 from moe_exp.data.torchvision_sets import FakeDataModule
 from moe_exp.errors import DataNotFoundError
-from moe_exp.run import build_components
 from tests.conftest import QUICK, compose_config
 from tests.data.disk_formats import ON_DISK, label_value, write
 
