@@ -1,15 +1,35 @@
 """The ``moe-exp`` console script: a Hydra app over the top-level ``conf/`` tree.
 
 Only Hydra is imported here; torch and Lightning load inside the task, so ``--help`` and
-``--cfg job`` answer fast.
+``--cfg job`` answer fast. What happens before a job's training starts lives here because it
+depends on how Hydra launched the job:
+
+- ``resume=<run folder>`` is turned into that run's own overrides plus
+  ``hydra.run.dir=<run folder>`` before Hydra starts, so the run continues in its folder
+  with its config (Hydra fixes the output folder before the task function runs).
+- Parallel launchers (joblib) share the CPUs: each job's torch threads are capped at its
+  share, so N jobs never run N × ``threads`` threads on fewer cores.
+- Script-launching DDP inside a ``-m`` sweep would re-run the sweep in every child process:
+  refused before anything heavy (:func:`moe_exp.config.check_launch`).
+- Inside an Optuna search a diverged trial is told as the worst value instead of stopping
+  the search (its run folder still says ``diverged``).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+RESUME_KEY = "resume"
+_PLAIN_PATH = re.compile(r"^[\w/.\-~:]+$")
 
 
 def config_dir() -> str:
@@ -30,17 +50,135 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return hydra_compose("config", overrides=list(overrides))
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def _app(cfg: DictConfig) -> float:
-    from hydra.core.hydra_config import HydraConfig
+# -- resume -----------------------------------------------------------------------------------
+def is_resume_override(override: str) -> bool:
+    return override.lstrip("+~").split("=", 1)[0] == RESUME_KEY
 
+
+def _quote(value: str) -> str:
+    """A value Hydra's override parser reads back verbatim."""
+    if _PLAIN_PATH.match(value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """``moe-exp resume=DIR [more overrides]`` → DIR's saved overrides + the extra ones +
+    ``resume=DIR hydra.run.dir=DIR``: the same config, in the same folder.
+
+    Raises SystemExit with a one-line message when DIR is not a run folder.
+    """
+    found = [a for a in argv[1:] if is_resume_override(a)]
+    if not found:
+        return argv
+    raw = found[-1].split("=", 1)[1].strip("'\"")
+    if not raw or raw.lower() == "null":
+        return [a for a in argv if not is_resume_override(a)]
+    folder = Path(raw).expanduser().resolve()
+    saved = folder / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise SystemExit(
+            f"moe-exp: resume={raw}: {folder} is not a run folder (no .hydra/overrides.yaml). "
+            "Give the folder of one run, e.g. outputs/runs/<date>/<time> or "
+            "outputs/multiruns/<date>/<time>/<job number>."
+        )
+    if any(a in ("-m", "--multirun") for a in argv[1:]):
+        raise SystemExit("moe-exp: resume= continues one run; drop -m/--multirun.")
+    before = [str(o) for o in OmegaConf.load(saved) if not is_resume_override(str(o))]
+    extra = [a for a in argv[1:] if not is_resume_override(a)]
+    return [
+        argv[0],
+        *before,
+        *extra,
+        f"{RESUME_KEY}={_quote(str(folder))}",
+        f"hydra.run.dir={_quote(str(folder))}",
+    ]
+
+
+# -- launchers ------------------------------------------------------------------------------
+def cpu_count() -> int:
+    """CPUs this process may use (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def parallel_jobs(launcher: Any, cpus: int) -> int:
+    """How many jobs a launcher runs at once on this machine (1 for sequential ones)."""
+    target = str(launcher.get("_target_", "")) if launcher is not None else ""
+    if not target.endswith("JoblibLauncher"):
+        return 1
+    n = launcher.get("n_jobs", -1)
+    n = int(n) if n is not None else 1
+    if n < 0:  # joblib: -1 = all CPUs, -2 = all but one, ...
+        n = cpus + 1 + n
+    return max(1, n)
+
+
+def thread_share(requested: int, launcher: Any, cpus: int | None = None) -> int:
+    """The torch threads a job may use: its request, at most its share of the CPUs."""
+    cpus = cpus or cpu_count()
+    jobs = parallel_jobs(launcher, cpus)
+    return requested if jobs <= 1 else max(1, min(requested, cpus // jobs))
+
+
+def _worst(sweeper: Any) -> float | list[float]:
+    """The value an Optuna search gets for a diverged trial: the worst for each direction."""
+    direction = sweeper.get("direction", "minimize")
+    names = [direction] if isinstance(direction, str) else list(direction)
+    values = [-math.inf if str(d).lower().startswith("max") else math.inf for d in names]
+    return values[0] if isinstance(direction, str) else values
+
+
+class SweepGuard(Callback):
+    """Hydra callback at the start of a multirun: refuse script-launching DDP before any job
+    starts, and create the sweep folder (Optuna's sqlite storage lives there and is opened
+    before the first job would create it)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from moe_exp.config import check_launch
+
+        launcher = OmegaConf.select(config, "hydra.launcher._target_", default="") or ""
+        check_launch(config, multirun=True, launcher_target=str(launcher))
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def _app(cfg: DictConfig) -> float | list[float]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from moe_exp.config import check_launch
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    check_launch(cfg, multirun=multirun, launcher_target=str(hc.launcher.get("_target_", "")))
+    notes: dict[str, Any] = {}
+    threads = thread_share(int(cfg.threads), hc.launcher)
+    if threads != cfg.threads:
+        notes["threads_capped"] = (
+            f"threads={cfg.threads} capped to {threads}: {parallel_jobs(hc.launcher, cpu_count())}"
+            f" parallel jobs share {cpu_count()} CPUs"
+        )
+        with open_dict(cfg):
+            cfg.threads = threads
+
+    from moe_exp.errors import DivergedError
     from moe_exp.run import run
 
-    hydra_cfg = HydraConfig.get()
-    return run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    overrides = [o for o in hc.overrides.task if not is_resume_override(o)]
+    try:
+        return run(cfg, Path(hc.runtime.output_dir), overrides, notes=notes)
+    except DivergedError:
+        sweeper = hc.sweeper
+        if multirun and str(sweeper.get("_target_", "")).endswith("OptunaSweeper"):
+            return _worst(sweeper)  # recorded as diverged; the search goes on
+        raise
 
 
 def main() -> None:
+    sys.argv = resume_argv(sys.argv)
     _app()
 
 

@@ -1,6 +1,8 @@
 """The run record: ``summary.json`` in the run folder, always written atomically.
 
-Status is ``running`` while a run trains, then ``completed``, ``failed`` or ``diverged``.
+Status is ``running`` while a run trains, then ``completed``, ``failed``, ``diverged`` or
+``interrupted`` (stopped by SIGTERM/SIGINT with a checkpoint to resume from). A resumed run
+keeps its record: the resume count goes up and the wall time adds up over the attempts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STATUSES = ("running", "completed", "failed", "diverged")
+STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -31,23 +33,47 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 class RunRecord:
-    """Keeps ``summary.json`` current: created as running, finished exactly once."""
+    """Keeps ``summary.json`` current: created as running, finished exactly once.
 
-    def __init__(self, run_dir: Path, overrides: list[str] | None = None) -> None:
+    ``resume=True`` continues the record of an earlier attempt in the same folder (its wall
+    time and resume count); ``enabled=False`` (the non-zero ranks of a DDP run) writes nothing.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        overrides: list[str] | None = None,
+        resume: bool = False,
+        enabled: bool = True,
+    ) -> None:
         self.path = Path(run_dir) / "summary.json"
+        self.enabled = enabled
         self.start = time.perf_counter()
+        self.earlier_s = 0.0
         self.data: dict[str, Any] = {"status": "running", "overrides": list(overrides or [])}
-        write_json_atomic(self.path, self.data)
+        if resume and self.path.is_file():
+            before = json.loads(self.path.read_text())
+            self.earlier_s = float(before.get("wall_time_s") or 0.0)
+            self.data["resumes"] = int(before.get("resumes", 0)) + 1
+            self.data["interrupted_before"] = before.get("error")
+        self._write()
+
+    def _write(self) -> None:
+        if self.enabled:
+            write_json_atomic(self.path, self.data)
 
     def update(self, **values: Any) -> None:
         self.data.update(values)
-        write_json_atomic(self.path, self.data)
+        self._write()
 
     def finish(self, status: str, error: str | None = None, **values: Any) -> None:
         assert status in STATUSES[1:], status
         self.data.update(values)
         self.data["status"] = status
-        self.data["wall_time_s"] = round(time.perf_counter() - self.start, 3)
+        elapsed = time.perf_counter() - self.start
+        self.data["wall_time_s"] = round(self.earlier_s + elapsed, 3)
         if error is not None:
             self.data["error"] = error
-        write_json_atomic(self.path, self.data)
+        else:
+            self.data.pop("error", None)
+        self._write()

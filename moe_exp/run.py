@@ -1,11 +1,21 @@
 """One run: validate → build data, model and trainer → train with the strategy → test →
 measure (cost, expert similarity, pictures) → write the run record. Heavy imports live
-here, off the path of ``--help``."""
+here, off the path of ``--help``.
+
+A run with ``resume=<its folder>`` (set up by the CLI) continues from
+``checkpoints/last.ckpt`` in that folder: the checkpoint is read with ``weights_only=True``
+and checked against the model first, so a corrupted file or one from another architecture
+fails with the offending key and both shapes, not a stack trace.
+"""
 
 from __future__ import annotations
 
+import csv
 import logging
+import pickle
 import warnings
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,40 +24,199 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_exp.build import build_components
 from moe_exp.config import build, validate
-from moe_exp.errors import DivergedError
+from moe_exp.errors import ConfigError, DivergedError, MoeExpError
 from moe_exp.loggers import close_wandb
 from moe_exp.record import RunRecord
 
 log = logging.getLogger("moe_exp")
 PROBE_INPUTS = 256  # test inputs used for FLOP counting and expert similarity
+SHOWN_MISMATCHES = 5
+EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as shells report them
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> float:
-    """Train and evaluate one configuration in ``run_dir``; returns the validation accuracy."""
+class Interrupted(Exception):
+    """Training stopped on a signal after saving ``checkpoints/last.ckpt``."""
+
+    def __init__(self, signal_name: str, message: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
+def global_rank() -> int:
+    """This process's rank in a distributed run (0 otherwise), from the launchers' variables."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    notes: Mapping[str, Any] | None = None,
+) -> float | list[float]:
+    """Train and evaluate one configuration in ``run_dir``; returns the ``objective`` metric
+    (validation accuracy by default; a list for a multi-objective search)."""
     run_dir = Path(run_dir)
-    record = RunRecord(run_dir, overrides)
+    resume = cfg.get("resume")
+    rank_zero = global_rank() == 0
+    record = RunRecord(run_dir, overrides, resume=bool(resume), enabled=rank_zero)
+    if notes:
+        record.update(**notes)
     try:
-        validate(cfg)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        results = _train_and_test(cfg, run_dir, record)
+        validate(cfg, overrides or ())
+        if resume:
+            _check_resume_folder(Path(resume), run_dir)
+        if rank_zero:
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        results = _train_and_test(cfg, run_dir, record, bool(resume))
     except DivergedError as err:
         record.finish("diverged", error=str(err))
         raise
     except BaseException as err:
-        record.finish("failed", error=f"{type(err).__name__}: {err}")
-        raise
+        stop = _as_interruption(err, run_dir)
+        if stop is None:
+            record.finish("failed", error=f"{type(err).__name__}: {err}")
+            raise
+        record.finish("interrupted", error=str(stop))
+        log.warning("%s", stop)
+        raise SystemExit(EXIT_CODES.get(stop.signal_name, 1)) from err
     finally:
         close_wandb(failed=record.data["status"] != "completed")
+    if not rank_zero:
+        return objective_value(cfg, results)
     cv_load = [v for k, v in results.items() if k.startswith("test/") and k.endswith("cv_load")]
+    balance = f" test/cv_load={', '.join(f'{v:.3f}' for v in cv_load)}" if cv_load else ""
     log.info(
-        "done in %.1f s: test/acc=%.4f val/acc=%.4f test/cv_load=%s → %s",
+        "done in %.1f s: test/acc=%.4f val/acc=%.4f%s → %s",
         record.data["wall_time_s"],
         results.get("test/acc", float("nan")),
         results.get("val/acc", float("nan")),
-        ", ".join(f"{v:.3f}" for v in cv_load),
+        balance,
         run_dir,
     )
-    return float(results["val/acc"])
+    return objective_value(cfg, results)
+
+
+def _as_interruption(err: BaseException, run_dir: Path) -> Interrupted | None:
+    """A signal that stopped the run, as an Interrupted (None for real errors). Outside
+    training (evaluation) Lightning raises SIGTERMException / exits on KeyboardInterrupt."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(err, Interrupted):
+        return err
+    sigint = isinstance(err, KeyboardInterrupt) or (
+        isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt)
+    )
+    if not (sigint or isinstance(err, SIGTERMException)):
+        return None
+    name = "SIGINT" if sigint else "SIGTERM"
+    return Interrupted(
+        name,
+        f"Interrupted by {name} outside training (setup or evaluation). Continue with: "
+        f"moe-exp resume={run_dir}",
+    )
+
+
+def objective_value(cfg: DictConfig, results: Mapping[str, Any]) -> float | list[float]:
+    """The metric(s) named by ``objective``: what a sweeper (Optuna) optimises."""
+    objective = cfg.get("objective") or "val/acc"
+    names = [objective] if isinstance(objective, str) else list(objective)
+    missing = [n for n in names if n not in results]
+    if missing:
+        known = ", ".join(sorted(k for k in results if k.startswith(("val/", "test/"))))
+        raise ConfigError(f"objective={', '.join(missing)} is not a metric of this run: {known}")
+    values = [float(results[n]) for n in names]
+    return values[0] if isinstance(objective, str) else values
+
+
+def _check_resume_folder(folder: Path, run_dir: Path) -> None:
+    if folder.resolve() != run_dir.resolve():
+        raise ConfigError(
+            f"resume={folder} must run in that folder, but this run's folder is {run_dir}: "
+            "start it as `moe-exp resume=<run folder>` (the CLI sets hydra.run.dir)"
+        )
+    if not (folder / "checkpoints" / "last.ckpt").is_file():
+        raise MoeExpError(
+            f"resume={folder}: there is no checkpoints/last.ckpt to continue from (the run "
+            "stopped before its first checkpoint, or was killed with SIGKILL); start it anew"
+        )
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+    Unreadable files raise a MoeExpError saying what the file is not."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MoeExpError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):  # torch's format is a zip archive
+            raise MoeExpError(
+                f"checkpoint {path} could not be read: it is corrupted, truncated or not a "
+                "PyTorch checkpoint (not a torch.save archive)"
+            ) from None
+        reason = [ln.strip() for ln in str(err).splitlines() if "WeightsUnpickler error" in ln]
+        raise MoeExpError(
+            f"checkpoint {path} was refused by torch.load(weights_only=True): it holds objects "
+            f"other than tensors and plain containers ({(reason or ['unsafe content'])[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MoeExpError(
+            f"checkpoint {path} could not be read: it is corrupted, truncated or not a "
+            f"PyTorch checkpoint ({type(err).__name__}: {first})"
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise MoeExpError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def _shape(t: Any) -> str:
+    return str(list(t.shape)) if hasattr(t, "shape") else type(t).__name__
+
+
+def check_fits(saved: Mapping[str, Any], expected: Mapping[str, Any], path: Path) -> None:
+    """Raise a MoeExpError naming every key whose shape differs (checkpoint vs model) and
+    the keys only one side has, as another architecture or expert count gives."""
+    problems = [
+        f"{key}: checkpoint shape {_shape(saved[key])}, model shape {_shape(expected[key])}"
+        for key in expected
+        if key in saved and _shape(saved[key]) != _shape(expected[key])
+    ]
+    problems += [f"{k}: in the model, not in the checkpoint" for k in expected if k not in saved]
+    problems += [f"{k}: in the checkpoint, not in the model" for k in saved if k not in expected]
+    if problems:
+        more = len(problems) - SHOWN_MISMATCHES
+        shown = "; ".join(problems[:SHOWN_MISMATCHES]) + (f"; and {more} more" if more > 0 else "")
+        raise MoeExpError(
+            f"checkpoint {path} does not fit this model (another architecture, expert count "
+            f"or config?): {shown}. Resume with the run's own config, or start a new run."
+        )
+
+
+def _carry_csv_rows(run_dir: Path, before_epoch: int) -> list[dict[str, Any]]:
+    """metrics.csv rows of the epochs a resumed run keeps (Lightning's CSV logger deletes the
+    file when it starts; the rows are handed back to it)."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            kept = {k: _number(v) for k, v in row.items() if v not in ("", None)}
+            if "epoch" in kept and kept["epoch"] < before_epoch:
+                rows.append(kept)
+    return rows
+
+
+def _number(text: str) -> Any:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
 
 
 def _quiet_lightning() -> None:
@@ -55,12 +224,23 @@ def _quiet_lightning() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    # A run folder always holds files (summary.json, .hydra/) before the loggers start, and a
+    # resumed one its checkpoints and metrics.csv rows (carried over, see _carry_csv_rows).
+    warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not.*")
+    # ExactResume replays the data order of an epoch stopped half way.
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before.*")
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path) -> Any:
+def make_trainer(
+    cfg: DictConfig, run_dir: Path, resume_from: Mapping[str, Any] | None = None
+) -> Any:
+    """The Trainer with the run's loggers and callbacks; ``resume_from`` is the checkpoint a
+    resumed run continues (its metrics.csv rows and exact-resume state are carried over)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
 
-    from moe_exp.callbacks import CollapseAlarm, progress_bar
+    from moe_exp.callbacks import CollapseAlarm, ExactResume, InterruptCheckpoint, progress_bar
 
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -68,16 +248,28 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> Any:
         monitor="val/acc",
         mode="max",
         save_top_k=1,
+        save_last=True,  # checkpoints/last.ckpt at every epoch end: what resume= continues
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
+    rows = _carry_csv_rows(run_dir, int(resume_from.get("epoch", 0))) if resume_from else []
     loggers = [build(node, save_dir=str(run_dir)) for node in (cfg.get("logger") or {}).values()]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if rows and isinstance(logger, CSVLogger):
+            logger.experiment.metrics.extend(rows)
     extra = [build(node) for node in (cfg.get("callbacks") or {}).values()]
+    callbacks = [
+        checkpoint,
+        InterruptCheckpoint(run_dir / "checkpoints"),
+        ExactResume(ExactResume.state_in(resume_from) if resume_from else None),
+        progress_bar(),
+        CollapseAlarm(run_dir),
+        *extra,
+    ]
     return build(
         cfg.trainer,
-        callbacks=[checkpoint, progress_bar(), CollapseAlarm(run_dir), *extra],
+        callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
     )
@@ -102,7 +294,34 @@ def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any
     return results, paths
 
 
-def _train_and_test(cfg: DictConfig, run_dir: Path, record: RunRecord) -> dict[str, Any]:
+def _fit(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, ckpt: Path | None) -> None:
+    """The strategy's fit, continuing from ``ckpt`` when given (Lightning's user-managed
+    ``trainer.ckpt_path``: the strategies call ``trainer.fit`` themselves)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from moe_exp.callbacks import InterruptCheckpoint
+
+    trainer.ckpt_path = str(ckpt) if ckpt else None
+    try:
+        build(cfg.strategy).fit(trainer, module, datamodule)
+    except (SIGTERMException, KeyboardInterrupt) as err:
+        (saver,) = [c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint)]
+        name = saver.signal_name or "SIGTERM"
+        run_dir = Path(trainer.default_root_dir)
+        raise Interrupted(
+            name,
+            f"Interrupted by {name} at {saver.where}; checkpoint saved to "
+            f"checkpoints/last.ckpt. Continue with: moe-exp resume={run_dir}",
+        ) from err
+    finally:
+        trainer.ckpt_path = None
+    if trainer.received_sigterm and trainer.is_global_zero:
+        log.warning("SIGTERM arrived as training ended; the run finishes normally")
+
+
+def _train_and_test(
+    cfg: DictConfig, run_dir: Path, record: RunRecord, resume: bool = False
+) -> dict[str, Any]:
     import lightning as L
 
     from moe_exp.callbacks import CollapseAlarm
@@ -113,20 +332,31 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, record: RunRecord) -> dict[s
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule, module = build_components(cfg)
-    record.update(**module.model.parameter_counts())
+    record.update(**module.model.parameter_counts(), threads=torch.get_num_threads())
 
-    trainer = make_trainer(cfg, run_dir)
-    build(cfg.strategy).fit(trainer, module, datamodule)
+    last, checkpoint = None, None
+    if resume:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        checkpoint = load_checkpoint(last)
+        check_fits(checkpoint["state_dict"], module.state_dict(), last)
+        log.info("resuming %s from epoch %s", run_dir, checkpoint.get("epoch"))
+    trainer = make_trainer(cfg, run_dir, resume_from=checkpoint)
+    del checkpoint
+    _fit(cfg, trainer, module, datamodule, last)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     ckpt = "best" if best else None
-    val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
+    kw = {"datamodule": datamodule, "ckpt_path": ckpt, "verbose": False, "weights_only": True}
+    val = trainer.validate(module, **kw)[0]
+    test = trainer.test(module, **kw)[0]
     results: dict[str, Any] = {k: float(v) for k, v in {**val, **test}.items()}
+    if not trainer.is_global_zero:
+        return results  # rank 0 measures, draws and writes the record
     measured, plots = _measure(module, datamodule, run_dir)
     (alarm,) = [c for c in trainer.callbacks if isinstance(c, CollapseAlarm)]
     results.update(
         measured,
+        **module.last_epoch(),
         epochs=trainer.current_epoch,
         train_samples_per_s=module.train_samples_per_s,
         collapse_events=alarm.events,

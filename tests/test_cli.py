@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,9 @@ def test_the_users_own_command_works(cli, tmp_path):
         (["k=5"], "k=5 must be <= experts=4"),
         (["optim.lr=-0.1"], "optim.lr=-0.1 must be > 0"),
         (["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
+        (["gate=switch", "k=2"], "k=2 asks for top-2 routing, but gate=switch is top-1 only"),
+        (["regularizer=tree_balance"], "regularizer.tree_balance (tree balance) needs soft-tree"),
+        (["expert.dropout=1.5"], "expert.dropout=1.5 must be a number in [0, 1)"),
     ],
 )
 def test_bad_input_fails_with_a_message_not_a_traceback(cli, tmp_path, args, message):
@@ -102,7 +106,7 @@ def test_bad_input_fails_with_a_message_not_a_traceback(cli, tmp_path, args, mes
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr
-    if args != ["gate=nope"]:
+    if args != ["gate=nope"]:  # composed: the run folder records the failure
         summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
         assert summary["status"] == "failed" and message in summary["error"]
 
@@ -110,6 +114,32 @@ def test_bad_input_fails_with_a_message_not_a_traceback(cli, tmp_path, args, mes
 def test_unknown_option_lists_the_available_ones(cli):
     out = cli("gate=nope")
     assert "Available options" in out.stderr and "noisy_topk" in out.stderr
+
+
+def test_the_full_trace_comes_only_on_request(tmp_path):
+    from tests.conftest import CLI
+
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    out = subprocess.run([CLI, "k=0"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode != 0
+    assert "Traceback" in out.stderr and "ConfigError: Invalid configuration: k=0" in out.stderr
+
+
+def test_a_key_typo_gets_hydras_own_message(cli, tmp_path):
+    out = cli("optim.lrr=0.1")
+    assert out.returncode != 0
+    assert "Could not override 'optim.lrr'" in out.stderr
+    assert "Key 'lrr' is not in struct" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "outputs").exists()  # refused before a run folder exists
+
+
+def test_a_single_diverged_run_exits_non_zero(cli, tmp_path):
+    out = cli(*QUICK, "optim.lr=1e9")
+    assert out.returncode != 0
+    assert "Training diverged: the loss became nan" in out.stderr
+    assert "Traceback" not in out.stderr
+    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "Lower the learning rate" in summary["error"]
 
 
 def test_same_seed_gives_the_same_summary(tmp_path):
@@ -162,8 +192,8 @@ def test_an_installed_wheel_uses_the_packaged_configs(tmp_path):
 def test_a_diverging_job_stops_with_a_message_and_the_sweep_goes_on(cli, tmp_path):
     from moe_exp.report import build_report
 
-    out = cli("-m", *QUICK, "optim.lr=0.003,1e9")
-    assert out.returncode != 0
+    out = cli("-m", *QUICK, "optim.lr=1e9,0.003")  # the diverging job first: the sweep goes on
+    assert out.returncode != 0  # non-zero, after every job ran
     assert "Training diverged: the loss became nan" in out.stderr
     assert "Traceback" not in out.stderr
     (sweep,) = tmp_path.glob("outputs/multiruns/*/*")

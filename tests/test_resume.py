@@ -1,0 +1,229 @@
+"""Resume: a run stopped by SIGTERM/SIGINT leaves checkpoints/last.ckpt and continues in its
+own folder with ``moe-exp resume=<folder>``; checkpoints load with weights_only=True, and a
+corrupted or mismatched one fails with a message naming the key and both shapes."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from moe_exp.build import build_components
+from moe_exp.cli import resume_argv
+from moe_exp.errors import MoeExpError
+from moe_exp.run import check_fits, load_checkpoint
+from tests.conftest import CLI, QUICK, compose_config, run_cli
+
+# Two epochs of 32 batches: the kill lands inside the second epoch.
+LONGER = [*QUICK, "data.n_train=2048", "trainer.max_epochs=2", "seed=3"]
+
+
+def run_folder(root: Path) -> Path:
+    (summary,) = root.glob("outputs/runs/*/*/summary.json")
+    return summary.parent
+
+
+def metrics(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if "/" in k}
+
+
+def val_rows(folder: Path) -> dict[str, dict[str, str]]:
+    """Each epoch's validation metrics as metrics.csv holds them (exact decimal strings)."""
+    rows = csv.DictReader((folder / "metrics.csv").open())
+    return {
+        r["epoch"]: {k: v for k, v in r.items() if k.startswith("val/") and v}
+        for r in rows
+        if r.get("val/acc")
+    }
+
+
+def fake_run(folder: Path, state_dict: dict, overrides: list[str]) -> Path:
+    """A run folder as an interrupted run leaves it: overrides and a last checkpoint."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / "checkpoints").mkdir()
+    torch.save({"state_dict": state_dict, "epoch": 0}, folder / "checkpoints" / "last.ckpt")
+    return folder
+
+
+# -- the command line -----------------------------------------------------------------------
+def test_resume_reruns_the_saved_overrides_in_the_same_folder(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "- experiment=quick\n- seed=3\n- resume=/an/earlier/resume\n"
+    )
+    argv = resume_argv(["moe-exp", f"resume={run}", "trainer.max_epochs=3"])
+    assert argv == [
+        "moe-exp",
+        "experiment=quick",
+        "seed=3",
+        "trainer.max_epochs=3",
+        f"resume={run}",
+        f"hydra.run.dir={run}",
+    ]
+    assert resume_argv(["moe-exp", "seed=1"]) == ["moe-exp", "seed=1"]
+
+
+def test_a_folder_with_odd_characters_survives_hydras_parser(tmp_path):
+    run = tmp_path / "my runs, 'best'" / "0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("[]\n")
+    argv = resume_argv(["moe-exp", f"resume={run}"])
+    parsed = OverridesParser.create().parse_overrides(argv[1:])
+    assert [o.value() for o in parsed] == [str(run), str(run)]
+
+
+def test_resume_of_something_that_is_not_a_run_folder_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="is not a run folder"):
+        resume_argv(["moe-exp", f"resume={tmp_path}"])
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("[]\n")
+    with pytest.raises(SystemExit, match="drop -m"):
+        resume_argv(["moe-exp", "-m", f"resume={tmp_path}"])
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def states() -> dict[str, dict]:
+    """Model state_dicts of three configurations (no training)."""
+    out = {}
+    for name, extra in {"e4": [], "e8": ["experts=8"], "mlp": ["expert=mlp"]}.items():
+        _, module = build_components(compose_config([*QUICK, *extra]))
+        out[name] = module.state_dict()
+    return out
+
+
+def test_a_checkpoint_with_another_expert_count_names_the_key_and_both_shapes(states, tmp_path):
+    with pytest.raises(MoeExpError) as err:
+        check_fits(states["e4"], states["e8"], tmp_path / "last.ckpt")
+    message = str(err.value)
+    assert "does not fit this model" in message and "last.ckpt" in message
+    key = next(k for k in states["e8"] if states["e8"][k].shape != states["e4"][k].shape)
+    want = list(states["e8"][key].shape)
+    have = list(states["e4"][key].shape)
+    assert f"{key}: checkpoint shape {have}, model shape {want}" in message
+    assert "model.moe.experts.7." in message or "and " in message  # experts 4-7 are missing
+
+
+def test_a_checkpoint_of_another_architecture_lists_the_keys_it_lacks(states, tmp_path):
+    with pytest.raises(MoeExpError, match="in the model, not in the checkpoint"):
+        check_fits(states["mlp"], states["e4"], tmp_path / "last.ckpt")
+    check_fits(states["e4"], states["e4"], tmp_path / "last.ckpt")  # the same model fits
+
+
+def test_corrupted_and_unsafe_checkpoints_fail_clearly(states, tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": states["e4"], "epoch": 1}, good)
+    assert load_checkpoint(good)["epoch"] == 1
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    for path in (truncated, garbage):
+        with pytest.raises(MoeExpError, match="could not be read: it is corrupted"):
+            load_checkpoint(path)
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "extra": Path("/an/object")}, unsafe)  # not plain data
+    with pytest.raises(MoeExpError, match=r"refused by torch.load\(weights_only=True\)"):
+        load_checkpoint(unsafe)
+    with pytest.raises(MoeExpError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_resuming_with_another_expert_count_fails_before_training(states, tmp_path):
+    run = fake_run(tmp_path / "run", states["e4"], QUICK)
+    out = run_cli(f"resume={run}", "experts=8", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "does not fit this model" in out.stderr and "model shape [8" in out.stderr
+    assert "Traceback" not in out.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "checkpoint shape [4" in summary["error"]
+
+
+# -- kill and resume ------------------------------------------------------------------------
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["WANDB_MODE"] = "offline"
+    return subprocess.Popen(
+        [CLI, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def stop_in_epoch_2(proc: subprocess.Popen, sig: signal.Signals) -> str:
+    """Send ``sig`` when the progress line of a quarter of epoch 2 appears; all output."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 2/2 [#####....."):
+            proc.send_signal(sig)
+            break
+    lines.append(proc.stdout.read())
+    proc.wait(timeout=120)
+    return "".join(lines)
+
+
+@pytest.mark.slow
+def test_a_run_killed_by_sigterm_resumes_to_exactly_the_uninterrupted_metrics(tmp_path):
+    """Bit-identical, not within a tolerance: on the CPU every operation here is
+    deterministic, and the checkpoint carries everything else a continued run needs
+    (ExactResume): the global random states (noisy gating, dropout), the data loader's
+    generator states at the epoch's start and the batches already trained, which are drawn
+    again and skipped. The killed run also logs to W&B (offline) and reuses its run id.
+    ~90 s: three real runs."""
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "whole").mkdir()
+    whole = start(LONGER, tmp_path / "whole")
+    killed = start([*LONGER, "logger=[csv,wandb]"], tmp_path / "killed")
+    output = stop_in_epoch_2(killed, signal.SIGTERM)
+    assert killed.returncode == 128 + signal.SIGTERM, output
+    folder = run_folder(tmp_path / "killed")
+    stopped = json.loads((folder / "summary.json").read_text())
+    assert stopped["status"] == "interrupted"
+    assert "Interrupted by SIGTERM at epoch 1, batch" in stopped["error"]
+    batch = int(stopped["error"].split("batch ")[1].split("/")[0])
+    assert 0 < batch < 32  # mid-epoch
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    wandb_id = (folder / "wandb_id.txt").read_text()
+
+    out = run_cli(f"resume={folder}", cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()
+    resumed = json.loads((folder / "summary.json").read_text())
+    uninterrupted = json.loads((run_folder(tmp_path / "whole") / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["resumes"] == 1
+    assert resumed["overrides"] == uninterrupted["overrides"] + ["logger=[csv,wandb]"]
+    assert resumed["wall_time_s"] > stopped["wall_time_s"]
+    assert len(metrics(resumed)) > 40
+    assert metrics(resumed) == metrics(uninterrupted)
+    assert resumed["epochs"] == uninterrupted["epochs"] == 2
+    # The summary evaluates the best checkpoint, which may be epoch 0's; the validation of
+    # epoch 1 (the model trained after the resume) must match as well, to the last digit.
+    resumed_rows, whole_rows = val_rows(folder), val_rows(run_folder(tmp_path / "whole"))
+    assert {"0", "1"} <= set(resumed_rows)  # the row logged before the kill was kept
+    assert len(resumed_rows["1"]) > 20
+    assert resumed_rows["1"] == whole_rows["1"]
+    assert resumed_rows == whole_rows
+    assert (folder / "wandb_id.txt").read_text() == wandb_id
+    runs = list((folder / "wandb").glob(f"offline-run-*-{wandb_id.strip()}"))
+    assert len(runs) == 2  # the first attempt and the resumed one: the same W&B run
+
+
+@pytest.mark.slow
+def test_sigint_stops_at_a_batch_boundary_and_leaves_a_checkpoint(tmp_path):
+    """Ctrl+C is turned into Lightning's SIGTERM path: the step finishes, then it stops."""
+    proc = start(LONGER, tmp_path)
+    output = stop_in_epoch_2(proc, signal.SIGINT)
+    assert proc.returncode == 128 + signal.SIGINT, output
+    folder = run_folder(tmp_path)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted", output
+    assert "Interrupted by SIGINT at epoch 1" in summary["error"]
+    assert f"moe-exp resume={folder}" in summary["error"]
+    checkpoint = load_checkpoint(folder / "checkpoints" / "last.ckpt")
+    assert checkpoint["epoch"] == 1 and "ExactResume" in checkpoint["callbacks"]
