@@ -1,13 +1,17 @@
 """Objects of one run from its config: the datamodule and the LightningModule around the
-configured model (also used by tests, benchmarks and notebooks)."""
+configured model (also used by tests, benchmarks and notebooks). Expert surgery
+(``surgery.*``, moe_exp/surgery.py) is applied here, between building the model and
+wrapping it, so every strategy trains the operated mixture."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from moe_exp.config import build
+from moe_exp.errors import ConfigError
 
 
 def build_components(cfg: DictConfig) -> tuple[Any, Any]:
@@ -16,16 +20,52 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
 
     datamodule = build(cfg.data)
     datamodule.setup()
+    expert, router = build(cfg.expert), build(cfg.gate)
     model = build(
         cfg.model,
         in_shape=datamodule.in_shape,
         num_classes=datamodule.num_classes,
         num_experts=cfg.experts,
-        expert=build(cfg.expert),
-        router=build(cfg.gate),
+        expert=expert,
+        router=router,
         regularizers=build(cfg.get("regularizer")) or {},
     )
+    frozen = _surgery(cfg, model, expert, router, datamodule)
+    moe = getattr(model, "moe", None)
     module = MoEClassifierModule(
-        model, datamodule.num_classes, cfg.experts, latents=datamodule.latent_spec(), **cfg.optim
+        model,
+        datamodule.num_classes,
+        moe.num_experts if moe is not None else cfg.experts,
+        latents=datamodule.latent_spec(),
+        **cfg.optim,
     )
+    module.frozen_modules = frozen
     return datamodule, module
+
+
+def _surgery(cfg: DictConfig, model: Any, expert: Any, router: Any, datamodule: Any) -> list:
+    """Apply ``cfg.surgery`` (absent or inactive: nothing); returns the frozen modules."""
+    from moe_exp.surgery import Surgery
+
+    node = cfg.get("surgery")
+    if node is None:
+        return []
+    surgery = Surgery(**OmegaConf.to_container(node, resolve=True))
+    if not surgery.active:
+        return []
+    new_expert = _expert_option(surgery.expert) if surgery.expert else None
+    return surgery.apply(
+        model, expert, router, datamodule.in_shape, datamodule.num_classes, new_expert
+    )
+
+
+def _expert_option(name: str) -> Any:
+    """The partial of an option of the ``expert`` group, by name (``surgery.expert=mlp``)."""
+    from moe_exp.cli import config_dir
+
+    folder = Path(config_dir()) / "expert"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise ConfigError(f"surgery.expert={name!r} is not one of {options}")
+    return build(OmegaConf.load(path))

@@ -1,5 +1,15 @@
 """The LightningModule: cross-entropy plus the routers' weighted aux losses, accuracy, and
-per-epoch utilisation and specialisation of every MoE layer, from the routing records."""
+per-epoch utilisation and specialisation of every MoE layer, from the routing records.
+
+Overfitting is watched per epoch: ``gap/acc`` = train/acc − val/acc and ``gap/loss`` =
+val/ce − train/ce (positive when the model fits the training set better than held-out data;
+the train values are the epoch's running means, with dropout on), each expert's accuracy on
+the inputs routed to it (``{split}/acc_e{i}``) and the assignments it received
+(``{split}/seen_e{i}``). The router can have its own learning rate and weight decay
+(``optim.router_lr``, ``optim.router_weight_decay``): the router is small and decides where
+every input goes, so it is the part worth tuning apart (Switch Transformers, Fedus et al.
+2021, also treat it apart for stability: float32 router computation, smaller init scale).
+"""
 
 from __future__ import annotations
 
@@ -15,13 +25,28 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from moe_exp.errors import DivergedError
+from moe_exp.errors import ConfigError, DivergedError
 from moe_exp.moe import Routing, RoutingStats
 
 SPLITS = ("train", "val", "test")
 EXAMPLES_PER_EXPERT = 8
 EPOCH_LINE_VAL_KEYS = ("loss", "acc", "cv_load", "max_mean_load")
 log = logging.getLogger("moe_exp")
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The routing side of a model: a separate gating network (``gate_encoder``) and the
+    router of every MoE layer. Everything else (experts, backbone, head) is the rest."""
+    from moe_exp.moe import MoE
+
+    params: list[nn.Parameter] = []
+    encoder = getattr(model, "gate_encoder", None)
+    if isinstance(encoder, nn.Module):
+        params += list(encoder.parameters())
+    for module in model.modules():
+        if isinstance(module, MoE):
+            params += list(module.router.parameters())
+    return params
 
 
 class MoEClassifierModule(L.LightningModule):
@@ -40,19 +65,30 @@ class MoEClassifierModule(L.LightningModule):
         weight_decay: float = 1e-4,
         scheduler: str = "onecycle",
         latents: Mapping[str, tuple[int, int]] | None = None,
+        router_lr: float | None = None,
+        router_weight_decay: float | None = None,
     ) -> None:
         super().__init__()
+        if router_lr is not None and router_lr <= 0:
+            raise ConfigError(f"optim.router_lr={router_lr} must be > 0 (or null: optim.lr)")
+        if router_weight_decay is not None and router_weight_decay < 0:
+            raise ConfigError(
+                f"optim.router_weight_decay={router_weight_decay} must be >= 0 "
+                "(or null: optim.weight_decay)"
+            )
         self.model = model
         self.num_classes = num_classes
         self.num_experts = num_experts
         self.latents = dict(latents or {})
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
+        self.router_lr, self.router_weight_decay = router_lr, router_weight_decay
         self.accuracy = nn.ModuleDict(
             {f"acc_{s}": MulticlassAccuracy(num_classes, average="micro") for s in SPLITS}
         )
         self.means = nn.ModuleDict()  # "{split}__{name}" → MeanMetric, created on first use
         self.routing_stats: dict[str, list[RoutingStats]] = {s: [] for s in SPLITS}
-        self.history: dict[str, list[dict[str, float]]] = {s: [] for s in SPLITS}
+        self.history: dict[str, list[dict[str, float]]] = {s: [] for s in (*SPLITS, "gap")}
+        self._val_epoch = -1  # the epoch whose validation history["val"][-1] holds
         self.test_tables: list[RoutingStats] = []
         self.examples: dict[int, list[Tensor]] = {}
         self._epoch_start = self._last_batch_end = 0.0
@@ -64,6 +100,9 @@ class MoEClassifierModule(L.LightningModule):
         self.plan: Any = None
         self.stage = ""
         self.stage_index = 0
+        # Modules that must not change (expert surgery freezes them, moe_exp.surgery): kept
+        # in eval mode through training, so dropout is off and BatchNorm statistics stay put.
+        self.frozen_modules: list[nn.Module] = []
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Routing]]:
         return self.model(x)
@@ -83,7 +122,7 @@ class MoEClassifierModule(L.LightningModule):
         values = {"loss": loss, "ce": ce, **{f"aux_{k}": v for k, v in aux.items()}}
         self.record_step(split, log_probs, y, values)
         self._track(split, routings, y, latents)
-        if split == "test":
+        if split == "test" and routings:
             self._keep_examples(x, routings[0])
         return loss
 
@@ -133,6 +172,11 @@ class MoEClassifierModule(L.LightningModule):
             return self.plan.training_step(self, batch, batch_idx)
         return self._step(batch, "train")
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        for module in self.frozen_modules:  # Lightning puts the whole model in train mode
+            if module.training:
+                module.eval()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._epoch_samples += batch[1].shape[0]
         self._last_batch_end = time.perf_counter()
@@ -171,10 +215,15 @@ class MoEClassifierModule(L.LightningModule):
         for i, tracker in enumerate(stats):
             prefix = f"layer{i}/" if len(stats) > 1 else ""
             out.update({f"{prefix}{k}": v for k, v in tracker.compute().items()})
+            # assignments each expert received this epoch (the samples it saw)
+            out.update({f"{prefix}seen_e{e}": float(n) for e, n in enumerate(tracker.load)})
         return out
 
     def _end_epoch(self, split: str) -> None:
-        means = self._log_epoch_means(split)
+        means = self._log_epoch_means(split)  # torchmetrics syncs these across processes
+        if self.trainer.world_size > 1:
+            for tracker in self.routing_stats[split]:
+                tracker.sync(self.device)
         values = self.utilisation(split)
         if self.plan is not None:
             self.log(f"{split}/stage_index", float(self.stage_index), on_epoch=True)
@@ -182,6 +231,8 @@ class MoEClassifierModule(L.LightningModule):
             self.log_dict({f"{split}/{k}": v for k, v in values.items()}, on_epoch=True)
         if not self.trainer.sanity_checking:
             self.history[split].append({**means, **values})
+            if split == "val":
+                self._val_epoch = self.current_epoch
         if split == "test":
             self.test_tables = self.routing_stats[split]
             self.routing_stats[split] = []
@@ -197,14 +248,40 @@ class MoEClassifierModule(L.LightningModule):
         self.train_samples_per_s = self._epoch_samples / seconds
         self.log("train/samples_per_s", self.train_samples_per_s, on_epoch=True)
         self._end_epoch("train")
+        self._log_gaps()
         self._log_epoch_line()
+
+    def _log_gaps(self) -> None:
+        """Train − validation gaps of this epoch (validation ran before this hook); skipped
+        in epochs without validation."""
+        if not self.history["train"] or self._val_epoch != self.current_epoch:
+            return
+        train, val = self.history["train"][-1], self.history["val"][-1]
+        gaps = {}
+        if "acc" in train and "acc" in val:
+            gaps["acc"] = train["acc"] - val["acc"]
+        if "ce" in train and "ce" in val:
+            gaps["loss"] = val["ce"] - train["ce"]
+        if gaps:
+            self.log_dict({f"gap/{k}": v for k, v in gaps.items()}, on_epoch=True)
+            self.history["gap"].append(gaps)
+
+    def last_epoch(self) -> dict[str, float]:
+        """The last training epoch's ``train/*`` values (balance as trained: with noise,
+        dropout, and a bias still moving) and its ``gap/*``, for the run's summary."""
+        last = {f"train/{k}": v for k, v in (self.history["train"] or [{}])[-1].items()}
+        return last | {f"gap/{k}": v for k, v in (self.history["gap"] or [{}])[-1].items()}
 
     def _log_epoch_line(self) -> None:
         """One line per epoch in the run's log: loss, accuracy and balance (validation runs
         before this hook, so its values are this epoch's)."""
         parts = [
             f"{split}/{key}={self.history[split][-1][key]:.4f}"
-            for split, keys in (("train", ("loss", "acc")), ("val", EPOCH_LINE_VAL_KEYS))
+            for split, keys in (
+                ("train", ("loss", "acc")),
+                ("val", EPOCH_LINE_VAL_KEYS),
+                ("gap", ("acc",)),
+            )
             if self.history[split]
             for key in keys
             if key in self.history[split][-1]
@@ -220,21 +297,66 @@ class MoEClassifierModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._end_epoch("test")
 
+    # -- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """An index of the experts' state: expert i's tensors are the state_dict entries under
+        its prefix, so one expert can be taken out and loaded into another mixture
+        (:func:`moe_exp.surgery.expert_state`)."""
+        experts = getattr(getattr(self.model, "moe", None), "experts", None)
+        if isinstance(experts, nn.ModuleList):
+            checkpoint["experts"] = [
+                {"index": i, "kind": type(e).__name__, "prefix": f"model.moe.experts.{i}."}
+                for i, e in enumerate(experts)
+            ]
+
     # -- optimisation ---------------------------------------------------------------------
+    def param_groups(
+        self,
+        params: list[nn.Parameter],
+        lr: float,
+        weight_decay: float | None = None,
+        router_lr: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """AdamW parameter groups of ``params`` (frozen ones left out): the routing side
+        (:func:`router_parameters`) with ``router_lr`` (default ``lr``) and
+        ``optim.router_weight_decay``, the rest with ``lr`` and ``weight_decay`` (default
+        ``optim.weight_decay``). A ``weight_decay`` given by the caller (a stage's own)
+        applies to both groups."""
+        wd = self.weight_decay if weight_decay is None else weight_decay
+        router_wd = wd
+        if weight_decay is None and self.router_weight_decay is not None:
+            router_wd = self.router_weight_decay
+        routing = {id(p) for p in router_parameters(self.model)}
+        params = [p for p in params if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if id(p) in routing], "lr": router_lr or lr},
+            {"params": [p for p in params if id(p) not in routing], "lr": lr},
+        ]
+        groups[0]["weight_decay"], groups[1]["weight_decay"] = router_wd, wd
+        return [g for g in groups if g["params"]]
+
     def configure_optimizers(self) -> Any:
         if self.plan is not None:
             return self.plan.configure_optimizers(self)
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if self.scheduler == "none":
+        groups = self.param_groups(list(self.parameters()), self.lr, router_lr=self.router_lr)
+        if not groups:
+            raise ConfigError("nothing to train: every parameter is frozen")
+        optimizer = torch.optim.AdamW(groups)
+        schedule = make_schedule(self.scheduler, optimizer, self.trainer.estimated_stepping_batches)
+        if schedule is None:
             return optimizer
-        if self.scheduler == "onecycle":
-            schedule = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.lr, total_steps=self.trainer.estimated_stepping_batches
-            )
-        elif self.scheduler == "cosine":
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=self.trainer.estimated_stepping_batches
-            )
-        else:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def make_schedule(kind: str, optimizer: torch.optim.Optimizer, steps: int) -> Any:
+    """The per-step learning-rate schedule (None for ``none``); one-cycle peaks at each
+    group's own lr (Smith & Topin 2017, "Super-convergence")."""
+    steps = max(int(steps), 1)
+    if kind == "none":
+        return None
+    if kind == "onecycle":
+        peaks = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=steps)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    raise ValueError(f"unknown scheduler {kind!r}")

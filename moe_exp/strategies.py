@@ -30,7 +30,13 @@
     detached: the same numbers as a separate no-grad pass.) EM needs p_i(y|x) of EVERY
     expert, so it evaluates all E experts on every input: it is dense by nature, even with
     a top-k router (the top-k choice only matters at evaluation time, where the model runs
-    as configured).
+    as configured). ``schedule`` sets the alternation: ``batch`` (default) takes the E-step
+    and one M-step of experts and gate together on every batch (incremental EM, Neal &
+    Hinton 1998); ``epoch`` alternates whole epochs, experts-only M-steps then gate-only
+    M-steps (experts, gate, experts, ...), the other side frozen as in the hierarchical
+    stages: a block-coordinate version, the ECM idea of Meng & Rubin (1993), with the
+    E-step still taken per batch from the current parameters (batches carry no dataset
+    index to hold posteriors for a whole epoch).
 
 Implementation (Lightning): staged and EM training use manual optimisation
 (``automatic_optimization = False``) through :class:`~moe_exp.lit.MoEClassifierModule`'s
@@ -38,11 +44,21 @@ Implementation (Lightning): staged and EM training use manual optimisation
 hierarchical training each stage has its own AdamW optimiser (and scheduler) holding only
 that stage's parameters; frozen parameters also get ``requires_grad=False`` and frozen
 modules run in eval mode, so nothing about them changes (no weight-decay drift, no
-optimiser state). The plan is also a Callback: it switches stages at epoch boundaries,
-saves ``checkpoints/stage{i}_{name}.ckpt`` (i from 1) at the end of each stage, and tags
-every CSV metrics row with the stage's name (column ``stage``); every logger also gets the
-numeric ``{split}/stage_index``. The trainer's ``max_epochs`` is set to the sum of the
-stages' epochs.
+optimiser state). EM has one optimiser (``batch``) or one per side (``epoch``). Each
+optimiser has two parameter groups, the routing side and the rest
+(:meth:`~moe_exp.lit.MoEClassifierModule.param_groups`): ``optim.router_weight_decay``
+applies to the router in every stage without its own ``weight_decay``, and
+``optim.router_lr`` in EM (a hierarchical stage's ``lr`` is explicit, so it rules there).
+Parameters that expert surgery froze (``module.frozen_modules``, moe_exp/surgery.py) stay
+frozen in every stage. The plan is also a Callback: it switches stages at epoch
+boundaries, saves ``checkpoints/stage{i}_{name}.ckpt`` (i from 1) at the end of each
+hierarchical stage, and tags every CSV metrics row with the stage's name (column
+``stage``); every logger also gets the numeric ``{split}/stage_index``. The trainer's
+``max_epochs`` is set to the sum of the stages' epochs. Its callback state (saved in every
+checkpoint) names the current stage and the stage plan, so ``trainer.fit(...,
+ckpt_path=...)`` on a checkpoint written during stage 2 resumes in stage 2, with that
+stage's freezing and its optimiser state (Lightning restores every stage's optimiser and
+scheduler); a checkpoint of another stage plan is refused.
 
 Staged and EM training need a model with a separate gate and whole-classifier experts:
 ``model=mixture`` (``MixtureClassifier``: ``gate_encoder``, ``moe.router``, ``moe.experts``)
@@ -63,7 +79,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_exp.config import EM_SCHEDULES
 from moe_exp.errors import ConfigError
+from moe_exp.lit import make_schedule
 from moe_exp.moe import Routing
 from moe_exp.moe.layer import dispatch_combine
 
@@ -81,9 +99,14 @@ class JointStrategy:
     name = "joint"
 
     def fit(
-        self, trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        datamodule: L.LightningDataModule,
+        ckpt_path: str | None = None,
     ) -> None:
-        trainer.fit(module, datamodule=datamodule)
+        """Train; ``ckpt_path`` resumes from a checkpoint (every strategy takes it)."""
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
 
 # -- shared pieces ------------------------------------------------------------------------
@@ -165,16 +188,6 @@ def _tag_loggers(trainer: L.Trainer, plan: Any) -> None:
 
             logger.log_metrics = tagged
             logger._stage_tagged = True
-
-
-def _schedule(module: Any, optimizer: torch.optim.Optimizer, lr: float, steps: int) -> Any:
-    if module.scheduler == "none":
-        return None
-    if module.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1))
-    if module.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    raise ValueError(f"unknown scheduler {module.scheduler!r}")
 
 
 def _quiet() -> None:
@@ -315,16 +328,24 @@ def stage_parameters(model: Any, kind: str) -> list[nn.Parameter]:
     return list(model.parameters())
 
 
+def frozen_ids(module: Any) -> set[int]:
+    """Parameters expert surgery froze for the whole run (``module.frozen_modules``)."""
+    return {id(p) for m in getattr(module, "frozen_modules", ()) for p in m.parameters()}
+
+
 class _Plan(L.Callback):
     """Shared machinery of the manual-optimisation strategies (stages, tagging, checkpoints)."""
 
     strategy = ""
     steps_per_batch = 1  # optimiser steps per training batch (EM: em_steps)
+    use_router_lr = False  # optim.router_lr for the routing group (else the stage's lr)
+    stage_checkpoints = True  # checkpoints/stage{i}_{name}.ckpt at the end of each stage
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
         self.current = -1
         self.model: Any = None
+        self.restored: int | None = None  # the stage a checkpoint was saved in
 
     @property
     def current_name(self) -> str:
@@ -338,6 +359,10 @@ class _Plan(L.Callback):
                 return i
         return len(self.stages) - 1
 
+    def optimizer_slots(self) -> list[int]:
+        """Which optimiser each stage steps (one per stage unless a strategy shares them)."""
+        return list(range(len(self.stages)))
+
     def attach(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
         _quiet()
         self.model = mixture_parts(module, self.strategy)
@@ -347,21 +372,44 @@ class _Plan(L.Callback):
         trainer.callbacks.append(self)
         _tag_loggers(trainer, self)
 
-    def fit(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
+    def fit(
+        self,
+        trainer: L.Trainer,
+        module: Any,
+        datamodule: Any,
+        ckpt_path: str | None = None,
+    ) -> None:
+        """Attach the plan and train; ``ckpt_path`` resumes a run in the stage it was in."""
         self.attach(trainer, module, datamodule)
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    # optimisers: one per stage, each holding that stage's parameters only
+    def trainable(self, module: Any, kind: str) -> list[nn.Parameter]:
+        """What a stage of this kind trains, less what expert surgery froze."""
+        frozen = frozen_ids(module)
+        return [p for p in stage_parameters(self.model, kind) if id(p) not in frozen]
+
     def configure_optimizers(self, module: Any) -> Any:
+        """One AdamW optimiser per slot (:meth:`optimizer_slots`), holding only the
+        parameters its stages train, scheduled over those stages' steps."""
         per_epoch = module.trainer.estimated_stepping_batches / module.trainer.max_epochs
+        slots = self.optimizer_slots()
+        router_lr = module.router_lr if self.use_router_lr else None
         optimizers, schedulers = [], []
-        for stage in self.stages:
-            params = stage_parameters(self.model, stage.train)
-            wd = module.weight_decay if stage.weight_decay is None else stage.weight_decay
-            opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=wd)
+        for slot in range(max(slots) + 1):
+            members = [s for s, j in zip(self.stages, slots, strict=True) if j == slot]
+            first = members[0]
+            params = self.trainable(module, first.train)
+            if not params:
+                raise ConfigError(
+                    f"stage {first.name!r} trains {first.train}, but all of it is frozen "
+                    "(surgery.train); train it there or drop the stage"
+                )
+            opt = torch.optim.AdamW(
+                module.param_groups(params, first.lr, first.weight_decay, router_lr)
+            )
             optimizers.append(opt)
-            steps = round(per_epoch * stage.epochs) * self.steps_per_batch
-            sched = _schedule(module, opt, stage.lr, steps)
+            steps = round(per_epoch * sum(s.epochs for s in members)) * self.steps_per_batch
+            sched = make_schedule(module.scheduler, opt, steps)
             if sched is not None:
                 schedulers.append({"scheduler": sched, "interval": "step"})
         self.has_schedulers = bool(schedulers)
@@ -372,38 +420,63 @@ class _Plan(L.Callback):
         self.current = index
         stage = self.stages[index]
         module.stage, module.stage_index = stage.name, index
-        trainable = {id(p) for p in stage_parameters(self.model, stage.train)}
+        trainable = {id(p) for p in self.trainable(module, stage.train)}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trainable)
+        resumed = " (resumed)" if self.restored is not None else ""
+        self.restored = None
         log.info(
-            "stage %d/%d %r: training %s for %d epoch(s), lr %g",
+            "stage %d/%d %r%s: training %s for %d epoch(s), lr %g",
             index + 1,
             len(self.stages),
             stage.name,
+            resumed,
             stage.train,
             stage.epochs,
             stage.lr,
         )
 
-    def set_modes(self) -> None:
-        """Lightning sets train mode each epoch; frozen parts go back to eval mode."""
+    def set_modes(self, module: Any) -> None:
+        """Train mode for what trains, eval mode for what is frozen (this stage's and what
+        surgery froze). The whole model goes back to train mode first: after validation
+        Lightning restores each submodule's earlier mode, which would leave a part frozen in
+        the previous stage in eval mode (the noisy gate without its noise)."""
+        self.model.train()
         kind = self.stages[self.current].train
         if kind == "gate":
             self.model.moe.experts.eval()
         elif kind == "experts":
             self.model.gate_encoder.eval()
             self.model.moe.router.eval()
+        for frozen in getattr(module, "frozen_modules", ()):
+            frozen.eval()
 
     def step(self, module: Any, loss: Tensor) -> None:
+        slot = self.optimizer_slots()[self.current]
         optimizers = module.optimizers()
-        opt = optimizers[self.current] if isinstance(optimizers, list) else optimizers
+        opt = optimizers[slot] if isinstance(optimizers, list) else optimizers
         opt.zero_grad()
         module.manual_backward(loss)
         opt.step()
         if getattr(self, "has_schedulers", False):
             schedulers = module.lr_schedulers()
-            sched = schedulers[self.current] if isinstance(schedulers, list) else schedulers
+            sched = schedulers[slot] if isinstance(schedulers, list) else schedulers
             sched.step()
+
+    # checkpoint state: the stage the run was in, and the stage plan it was in it under
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": self.current, "stages": [s.name for s in self.stages]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        names = [s.name for s in self.stages]
+        if list(state_dict.get("stages", [])) != names:
+            raise ConfigError(
+                f"cannot resume: the checkpoint was saved under the stages "
+                f"{state_dict.get('stages')}, this run has {names}; resume with the same "
+                "strategy (strategy.stages, and trainer.max_epochs for em)"
+            )
+        self.restored = int(state_dict["stage"])
+        self.current = -1  # enter the stage again at the next epoch: freezing, logging
 
     # callback hooks
     def on_train_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
@@ -411,15 +484,22 @@ class _Plan(L.Callback):
         if index != self.current:
             self.enter(module, index)
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.current < 0:  # resumed mid-epoch: no epoch start ran since the restore
+            self.enter(module, self.stage_at(trainer.current_epoch))
+
     def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
         ends = sum(s.epochs for s in self.stages[: self.current + 1])
-        if trainer.current_epoch + 1 == ends:
+        if self.stage_checkpoints and trainer.current_epoch + 1 == ends:
             name = f"stage{self.current + 1}_{self.stages[self.current].name}.ckpt"
             trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / name)
 
     def on_fit_end(self, trainer: L.Trainer, module: Any) -> None:
+        frozen = frozen_ids(module)
         for p in self.model.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(id(p) not in frozen)
 
 
 class HierarchicalStrategy(_Plan):
@@ -463,7 +543,7 @@ class HierarchicalStrategy(_Plan):
             ).fit(datamodule, module.latents)
 
     def training_step(self, module: Any, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        self.set_modes()
+        self.set_modes(module)
         kind = self.stages[self.current].train
         if kind == "all":
             loss = module._step(batch, "train")
@@ -520,21 +600,50 @@ class HierarchicalStrategy(_Plan):
 # -- EM ------------------------------------------------------------------------------------
 class EMStrategy(_Plan):
     """EM (Jordan & Jacobs 1994): posteriors h ∝ g·p(y|x) (E-step), then posterior-weighted
-    NLL for the experts and cross-entropy to h for the gate (M-step), ``em_steps`` per batch."""
+    NLL for the experts and cross-entropy to h for the gate (M-step), ``em_steps`` per batch.
+
+    ``schedule="batch"``: both M-steps on every batch (one optimiser, stage ``em``);
+    ``schedule="epoch"``: epochs alternate experts-only (stage ``em_experts``) and gate-only
+    (``em_gate``) M-steps, starting with the experts, each side with its own optimiser and
+    the other side frozen."""
 
     strategy = name = "em"
+    use_router_lr = True
+    stage_checkpoints = False
 
-    def __init__(self, em_steps: int = 1, epochs: int | None = None, lr: float | None = None):
+    def __init__(
+        self,
+        em_steps: int = 1,
+        epochs: int | None = None,
+        lr: float | None = None,
+        schedule: str = "batch",
+    ) -> None:
         if em_steps < 1:
             raise ConfigError(f"strategy.em_steps={em_steps} must be >= 1")
+        if schedule not in EM_SCHEDULES:
+            raise ConfigError(
+                f"strategy.schedule={schedule!r} is not one of {', '.join(EM_SCHEDULES)}"
+            )
         self.em_steps = self.steps_per_batch = em_steps
-        self._epochs, self._lr = epochs, lr
+        self._epochs, self._lr, self.schedule = epochs, lr, schedule
         super().__init__([])
 
     def attach(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
         epochs = self._epochs or trainer.max_epochs
-        self.stages = [Stage("all", epochs, self._lr or module.lr, name="em")]
+        lr = self._lr or module.lr
+        if self.schedule == "batch":
+            self.stages = [Stage("all", epochs, lr, name="em")]
+        else:
+            sides = ("experts", "gate")
+            self.stages = [
+                Stage(sides[i % 2], 1, lr, name=f"em_{sides[i % 2]}") for i in range(epochs)
+            ]
         super().attach(trainer, module, datamodule)
+
+    def optimizer_slots(self) -> list[int]:
+        """Batch schedule: one optimiser; epoch schedule: one for the experts, one for the
+        gate, each carrying its state (and schedule) across that side's epochs."""
+        return [0 if s.train in ("all", "experts") else 1 for s in self.stages]
 
     def losses(self, batch: Sequence[Tensor], h: Tensor | None = None) -> tuple:
         x, y, _ = batch
@@ -553,10 +662,13 @@ class EMStrategy(_Plan):
     def training_step(self, module: Any, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         # With em_steps=1 the E-step reuses the M-step's forward pass (detached): the same
         # numbers as a separate no-grad pass over the same model state.
+        self.set_modes(module)
+        side = self.stages[self.current].train
         h = None
         for _ in range(self.em_steps):
             routing, z, log_g, h, expert_loss, gate_loss = self.losses(batch, h)
-            loss = expert_loss + gate_loss
+            loss = {"all": expert_loss + gate_loss, "experts": expert_loss, "gate": gate_loss}
+            loss = loss[side]
             self.step(module, loss)
         with torch.no_grad():
             log_probs = mixture_log_probs(self.model, z, log_g.exp(), batch[0])

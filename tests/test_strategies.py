@@ -54,7 +54,8 @@ class StageWatch(L.Callback):
     def on_train_epoch_end(self, trainer, module):
         model = module.model
         plan = module.plan
-        held = {id(p) for g in trainer.optimizers[plan.current].param_groups for p in g["params"]}
+        optimizer = trainer.optimizers[plan.optimizer_slots()[plan.current]]
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.epochs.append(
             {
                 "stage": module.stage,
@@ -175,3 +176,120 @@ def test_em_runs_from_the_cli_and_tags_its_rows(cli, tmp_path):
     rows = list(csv.DictReader(metrics.open()))
     assert {r["stage"] for r in rows} == {"em"}
     assert any(r.get("train/em_gate_ce") for r in rows)
+
+
+# -- resuming a staged run --------------------------------------------------------------
+THREE_STAGES = (
+    "strategy.stages=[{train: experts, epochs: 1, lr: 0.01},"
+    " {train: gate, epochs: 2, lr: 0.01}, {train: all, epochs: 1, lr: 0.001}]"
+)
+
+
+class Interrupt(L.Callback):
+    """Saves a checkpoint after the first epoch of stage 2 and stops the run there."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == 1:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+class ResumeWatch(L.Callback):
+    """Per epoch after the plan entered its stage: the stage, the stage-2 optimiser's step
+    count, and whether the experts were left untouched."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_start(self, trainer, module):
+        gate = stage_parameters(module.model, "gate")[0]
+        state = trainer.optimizers[1].state.get(gate, {})
+        self.steps = float(state["step"]) if "step" in state else 0.0
+        self.experts = _snapshot(stage_parameters(module.model, "experts"))
+
+    def on_train_epoch_end(self, trainer, module):
+        same = _same(self.experts, stage_parameters(module.model, "experts"))
+        self.epochs.append((trainer.current_epoch, module.stage, self.steps, same))
+
+
+def _staged(run_dir, stages=THREE_STAGES):
+    cfg = compose_config([*SMALL, "strategy=hierarchical", stages])
+    torch.manual_seed(0)
+    datamodule, module = build_components(cfg)
+    trainer = make_trainer(cfg, run_dir)
+    strategy = HierarchicalStrategy(**{k: v for k, v in cfg.strategy.items() if k != "_target_"})
+    return datamodule, module, trainer, strategy
+
+
+def test_a_run_interrupted_in_stage_2_resumes_in_stage_2(tmp_path):
+    ckpt = tmp_path / "interrupted.ckpt"
+    datamodule, module, trainer, strategy = _staged(tmp_path / "a")
+    trainer.callbacks.insert(0, Interrupt(ckpt))
+    strategy.fit(trainer, module, datamodule)
+    assert trainer.current_epoch == 2 and module.stage == "gate"
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["HierarchicalStrategy"]
+    assert saved == {"stage": 1, "stages": ["experts", "gate", "all"]}
+
+    datamodule, module, trainer, strategy = _staged(tmp_path / "b")
+    watch = ResumeWatch()
+    trainer.callbacks.append(watch)  # after the plan: sees the stage it entered
+    strategy.fit(trainer, module, datamodule, ckpt_path=str(ckpt))
+    (epoch, stage, steps, experts_same), last = watch.epochs
+    assert (epoch, stage) == (2, "gate")  # the second epoch of stage 2, not a restart
+    assert steps == 4  # stage 2's optimiser state came back (4 batches in epoch 1)
+    assert experts_same  # and its freezing
+    assert last[:2] == (3, "all")
+
+
+def test_resuming_under_another_stage_plan_is_refused(tmp_path):
+    ckpt = tmp_path / "interrupted.ckpt"
+    datamodule, module, trainer, strategy = _staged(tmp_path / "a")
+    trainer.callbacks.insert(0, Interrupt(ckpt))
+    strategy.fit(trainer, module, datamodule)
+    datamodule, module, trainer, strategy = _staged(tmp_path / "b", TWO_STAGES)
+    with pytest.raises(ConfigError, match=r"cannot resume.*\['experts', 'route'\]"):
+        strategy.fit(trainer, module, datamodule, ckpt_path=str(ckpt))
+
+
+# -- EM alternation schedule ------------------------------------------------------------
+def test_em_epoch_schedule_alternates_experts_and_gate_with_the_other_side_frozen(tmp_path):
+    cfg = compose_config([*SMALL, "strategy=em", "strategy.schedule=epoch", "trainer.max_epochs=3"])
+    torch.manual_seed(0)
+    datamodule, module = build_components(cfg)
+    trainer = make_trainer(cfg, tmp_path)
+    watch = StageWatch()
+    trainer.callbacks.insert(0, watch)
+    strategy = EMStrategy(**{k: v for k, v in cfg.strategy.items() if k != "_target_"})
+    strategy.fit(trainer, module, datamodule)
+    assert [e["stage"] for e in watch.epochs] == ["em_experts", "em_gate", "em_experts"]
+    assert len(trainer.optimizers) == 2  # one per side, each kept across its epochs
+    experts_epoch, gate_epoch, _ = watch.epochs
+    assert experts_epoch["gate_same"] and not experts_epoch["experts_same"]
+    assert gate_epoch["experts_same"] and not gate_epoch["gate_same"]
+    assert not gate_epoch["holds_experts"] and not experts_epoch["holds_gate"]
+    assert not (tmp_path / "checkpoints" / "stage1_em_experts.ckpt").exists()
+    with pytest.raises(ConfigError, match=r"strategy\.schedule='sometimes'"):
+        EMStrategy(schedule="sometimes")
+
+
+def test_em_batch_schedule_trains_both_sides_every_epoch_with_router_groups(tmp_path):
+    cfg = compose_config(
+        [*SMALL, "strategy=em", "optim.router_lr=0.01", "optim.router_weight_decay=0.5"]
+    )
+    torch.manual_seed(0)
+    datamodule, module = build_components(cfg)
+    trainer = make_trainer(cfg, tmp_path)
+    watch = StageWatch()
+    trainer.callbacks.insert(0, watch)
+    EMStrategy().fit(trainer, module, datamodule)
+    (epoch,) = watch.epochs
+    assert epoch["stage"] == "em" and not epoch["experts_same"] and not epoch["gate_same"]
+    (optimizer,) = trainer.optimizers
+    gate = {id(p) for p in stage_parameters(module.model, "gate")}
+    router_group, rest = optimizer.param_groups
+    assert {id(p) for p in router_group["params"]} == gate
+    assert router_group["weight_decay"] == 0.5 and rest["weight_decay"] == 1e-4
+    assert router_group["initial_lr"] == 0.01 / 25 and rest["initial_lr"] == 0.003 / 25

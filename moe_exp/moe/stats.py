@@ -141,7 +141,9 @@ class RoutingStats:
         }
         self.expert_correct = torch.zeros(e, dtype=torch.float64)
         self.expert_seen = torch.zeros(e, dtype=torch.float64)
-        self.gate_entropies: list[Tensor] = []
+        self.gate_entropies: list[Tensor] = []  # this process's, for histograms
+        self.entropy_sum = 0.0
+        self.entropy_count = 0
         self.dropped = 0
         self.assignments = 0
         self.inputs = 0
@@ -160,7 +162,10 @@ class RoutingStats:
         self.inputs += received.numel()
         self.experts_received += int(received.sum())
         self.unrouted += int((received == 0).sum())
-        self.gate_entropies.append(gate_entropy(routing.probs.detach()).float().cpu())
+        entropies = gate_entropy(routing.probs.detach()).float().cpu()
+        self.gate_entropies.append(entropies)
+        self.entropy_sum += float(entropies.double().sum())
+        self.entropy_count += entropies.numel()
         gates = routing.gates().detach().double().cpu()
         n = gates.shape[0]
         if self.num_classes and labels is not None:
@@ -176,6 +181,30 @@ class RoutingStats:
                 values = _per_input(latents[:, column].detach().cpu().long(), n)
                 self.latent_mass[name].index_add_(1, values, gates.T)
 
+    def sync(self, device: torch.device | str | None = None) -> None:
+        """Sum the accumulators over all processes (DDP), once per epoch before
+        :meth:`compute`, so every rank reports the routing of the whole epoch's data.
+        ``device``: where the collective runs (the process's GPU under NCCL)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        counts = [self.dropped, self.assignments, self.inputs, self.experts_received,
+                  self.unrouted, self.entropy_sum, self.entropy_count]  # fmt: skip
+        tensors = [self.load, self.importance, self.class_mass, self.expert_correct,
+                   self.expert_seen, *self.latent_mass.values(),
+                   torch.tensor(counts, dtype=torch.float64)]  # fmt: skip
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+        dist.all_reduce(flat)
+        flat, offset = flat.cpu(), 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        totals = tensors[-1].tolist()
+        ints = [round(v) for v in totals[:5]]
+        self.dropped, self.assignments, self.inputs, self.experts_received, self.unrouted = ints
+        self.entropy_sum, self.entropy_count = totals[5], round(totals[6])
+
     def compute(self) -> dict[str, float]:
         """Scalar metrics plus per-expert ``load_e{i}`` and ``importance_e{i}`` fractions."""
         out = balance_metrics(self.load, self.importance, self.dead_threshold)
@@ -187,8 +216,8 @@ class RoutingStats:
         out["dropped_fraction"] = self.dropped / max(self.assignments, 1)
         out["experts_per_input"] = self.experts_received / max(self.inputs, 1)
         out["unrouted_fraction"] = self.unrouted / max(self.inputs, 1)
-        if self.gate_entropies:
-            out["gate_entropy"] = float(torch.cat(self.gate_entropies).mean())
+        if self.entropy_count:
+            out["gate_entropy"] = self.entropy_sum / self.entropy_count
         if self.num_classes:
             out["nmi_label"] = normalized_mutual_information(self.class_mass)
         if self.expert_seen.sum() > 0:  # each expert's own accuracy on the inputs routed to it
