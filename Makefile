@@ -11,7 +11,7 @@ TORCH_STAMP := $(VENV)/.torch-$(shell cat requirements/torch.txt | sha1sum | cut
 DEPS_STAMP := $(VENV)/.deps-$(shell (cat pyproject.toml; echo $(CURDIR)) | sha1sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow lint bench sync clean
+.PHONY: help install run test test-slow lint bench ablations sync clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,11 @@ lint: install ## ruff check + format check
 
 bench: install ## benchmarks: default run end to end, Lightning vs bare loop
 	$(BIN)/python benchmarks/bench_default_run.py
+
+ABLATIONS ?=
+
+ablations: install ## run the ablation presets (all, or ABLATIONS="a b") and their verdicts
+	$(BIN)/python -m moe_exp.reproduce $(ABLATIONS)
 
 sync: install ## upload offline W&B runs under outputs/ (needs a network and WANDB_API_KEY)
 	@runs=$$(find outputs -type d -name 'offline-run-*' 2>/dev/null); \

@@ -5,6 +5,11 @@ swept parameters from the overrides that differ between runs, aggregates runs th
 only by seed (mean ± std, n), and writes ``report.md``, ``report.csv`` (one row per group),
 ``runs.csv`` (one row per run) and plots of each metric against each swept parameter.
 Failed, diverged and unfinished runs are listed with their status, never averaged in.
+
+Runs made by an ablation preset (``experiment=ablation_*``) carry an ``ablation`` block in
+their ``config.yaml``: its metrics become the columns, its published numbers a second table,
+and its ``check`` (see :mod:`moe_exp.ablations`) the verdicts (holds / does not hold), also
+written to ``verdicts.json``.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +102,9 @@ def find_runs(paths: Sequence[Path]) -> list[Run]:
     runs = []
     for root in paths:
         candidates = [root / "summary.json"] if (root / "summary.json").is_file() else []
-        candidates += sorted(p for p in root.rglob("summary.json") if p.parent != root)
+        candidates += sorted(
+            (p for p in root.rglob("summary.json") if p.parent != root), key=_natural_key
+        )
         for summary_path in candidates:
             try:
                 summary = json.loads(summary_path.read_text())
@@ -106,6 +114,11 @@ def find_runs(paths: Sequence[Path]) -> list[Run]:
                 Run(summary_path.parent, summary, parse_overrides(summary.get("overrides", [])))
             )
     return runs
+
+
+def _natural_key(path: Path) -> list[tuple[int, int | str]]:
+    """Sweep job folders in job order (2 before 10)."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", str(path)) if t]
 
 
 def swept_parameters(runs: Sequence[Run]) -> list[str]:
@@ -134,17 +147,38 @@ def _fmt(mean: float, std: float, n: int) -> str:
     return f"{text} ± {std:.{digits}f}" if n > 1 else text
 
 
+def ablation_spec(runs: Sequence[Run]) -> dict[str, Any] | None:
+    """The ``ablation`` block of the runs' saved config (the first run that has one)."""
+    import yaml
+
+    for run in runs:
+        config = run.path / "config.yaml"
+        if config.is_file():
+            spec = (yaml.safe_load(config.read_text()) or {}).get("ablation")
+            if spec:
+                return spec
+    return None
+
+
 def build_report(
-    paths: Sequence[Path], out_dir: Path, metrics: Sequence[str] = METRICS, plots: bool = True
+    paths: Sequence[Path],
+    out_dir: Path,
+    metrics: Sequence[str] | None = None,
+    plots: bool = True,
 ) -> dict[str, Any]:
-    """Write report.md, report.csv, runs.csv and plots into ``out_dir``; return the table."""
+    """Write report.md, report.csv, runs.csv and plots into ``out_dir``; return the table.
+
+    ``metrics`` defaults to the ablation's own list, else :data:`METRICS`."""
     runs = find_runs(paths)
     if not runs:
         raise SystemExit(
             f"moe-exp-report: no run folders (summary.json) under {list(map(str, paths))}"
         )
+    spec = ablation_spec(runs)
+    metrics = list(metrics or (spec or {}).get("metrics") or METRICS)
     swept = swept_parameters(runs)
     groups = group_runs(runs, swept)
+    verdicts = _verdicts(spec, groups) if spec else []
     header = [*swept, *metrics, "n", "status"]
     rows = []
     for g in groups:
@@ -153,7 +187,11 @@ def build_report(
         cells += [str(len(g.completed)), g.status()]
         rows.append(cells)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_markdown(out_dir / "report.md", header, rows, runs)
+    _write_markdown(out_dir / "report.md", header, rows, runs, spec, verdicts)
+    if spec:
+        (out_dir / "verdicts.json").write_text(
+            json.dumps([{**asdict(v), "verdict": v.label} for v in verdicts], indent=2) + "\n"
+        )
     with (out_dir / "report.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
@@ -177,12 +215,49 @@ def build_report(
                 ]
             )
     plot_paths = _plots(groups, swept, metrics, out_dir / "plots") if plots else []
-    return {"header": header, "rows": rows, "swept": swept, "runs": len(runs), "plots": plot_paths}
+    return {
+        "header": header,
+        "rows": rows,
+        "swept": swept,
+        "runs": len(runs),
+        "plots": plot_paths,
+        "verdicts": verdicts,
+    }
 
 
-def _write_markdown(path: Path, header: list[str], rows: list[list[str]], runs: list[Run]) -> None:
-    lines = ["# moe-exp report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+def _verdicts(spec: dict[str, Any], groups: list[Group]) -> list[Any]:
+    from moe_exp.ablations import Results
+    from moe_exp.config import build
+
+    return build(spec["check"])(Results(groups))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows]
+
+
+def _write_markdown(
+    path: Path,
+    header: list[str],
+    rows: list[list[str]],
+    runs: list[Run],
+    spec: dict[str, Any] | None = None,
+    verdicts: Sequence[Any] = (),
+) -> None:
+    title = (spec or {}).get("title", "moe-exp report")
+    lines = [f"# {title}", ""]
+    if spec and spec.get("source"):
+        lines += [f"Source: {spec['source']}", ""]
+    if verdicts:
+        lines += ["## Verdicts", ""]
+        lines += [f"- **{v.label}**: {v.claim}. {v.evidence}" for v in verdicts]
+        lines += ["", "## Results (mean ± std over seeds)", ""]
+    lines += _table(header, rows)
+    published = (spec or {}).get("published")
+    if published:
+        lines += ["", "## Published", ""]
+        lines += _table(published["header"], published["rows"])
     problems = [r for r in runs if r.status != "completed"]
     if problems:
         lines += ["", "## Runs that did not complete", ""]
@@ -237,7 +312,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="moe-exp-report", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run folders or sweep folders")
     parser.add_argument("--out", type=Path, help="where to write (default: the first path)")
-    parser.add_argument("--metrics", nargs="+", default=list(METRICS), help="columns to show")
+    parser.add_argument(
+        "--metrics", nargs="+", help="columns to show (default: the ablation's, else the usual)"
+    )
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.exists()]
@@ -246,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out or args.paths[0]
     table = build_report(args.paths, out, args.metrics, plots=not args.no_plots)
     print_table(table, f"{table['runs']} runs; swept: {', '.join(table['swept']) or 'nothing'}")
+    for v in table["verdicts"]:
+        print(f"{v.label.upper()}: {v.claim}. {v.evidence}")
     print(
         f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'runs.csv'}"
         f" and {len(table['plots'])} plots"

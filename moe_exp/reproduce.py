@@ -1,0 +1,73 @@
+"""``python -m moe_exp.reproduce [preset ...]`` (``make ablations``): run each ablation
+preset's sweep, plus the extra sweeps its ``ablation.also`` lists (e.g. the dense baselines
+beside an expert-count grid), into one folder, then write its report with the verdicts.
+
+Each sweep is a plain ``moe-exp`` multirun in a subprocess, so a failing job is recorded by
+the runner itself and the report lists it; nothing here trains or scores anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+PRESETS = (
+    "ablation_balance",
+    "ablation_bias_balance",
+    "ablation_clusters",
+    "ablation_overfitting",
+    "shape_colour_specialisation",
+    "strategies",
+)
+
+
+def sweeps(preset: str, folder: Path, extra: Sequence[str] = ()) -> list[list[str]]:
+    """The ``moe-exp`` argument lists for the preset's main sweep and its ``also`` sweeps."""
+    from moe_exp.cli import compose
+
+    also = compose([f"experiment={preset}"]).get("ablation", {}).get("also") or []
+    main = [f"experiment={preset}", f"hydra.sweep.dir={folder}", *extra]
+    return [main] + [
+        [f"experiment={preset}", f"hydra.sweep.dir={folder / f'also{i}'}", *shlex.split(o), *extra]
+        for i, o in enumerate(also)
+    ]
+
+
+def reproduce(preset: str, root: Path, extra: Sequence[str] = ()) -> Path:
+    """Run one preset's sweeps and report; returns the folder holding runs and report."""
+    from moe_exp.report import build_report, print_table
+
+    folder = root / preset / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    cli = str(Path(sys.executable).parent / "moe-exp")
+    for args in sweeps(preset, folder, extra):
+        print(f"$ moe-exp {' '.join(args)}", flush=True)
+        if subprocess.run([cli, *args]).returncode != 0:
+            print(f"{preset}: some jobs did not complete (the report lists them)", flush=True)
+    table = build_report([folder], folder)
+    print_table(table, f"{preset}: {table['runs']} runs")
+    for v in table["verdicts"]:
+        print(f"{v.label.upper()}: {v.claim}. {v.evidence}")
+    print(f"wrote {folder / 'report.md'}", flush=True)
+    return folder
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m moe_exp.reproduce", description=__doc__)
+    parser.add_argument("presets", nargs="*", default=list(PRESETS), help="default: all")
+    parser.add_argument("--root", type=Path, default=Path("outputs/ablations"))
+    parser.add_argument("--override", action="append", default=[], help="added to every sweep")
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.presets if p not in PRESETS]
+    if unknown:
+        parser.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    for preset in args.presets:
+        reproduce(preset, args.root, args.override)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Ablation verdicts: each check against hand-made run folders whose numbers make it hold or
+fail, the report's verdict section, and (slow) every preset reduced to 2 grid points."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_exp.ablations import (
+    Results,
+    _spearman,
+    balance_loss,
+    bias_balance,
+    clusters,
+    overfitting,
+)
+from moe_exp.report import build_report, find_runs, group_runs, swept_parameters
+from moe_exp.reproduce import sweeps
+from tests.conftest import run_cli
+
+
+def write_run(root: Path, name: str, overrides: list[str], status="completed", spec=None, **m):
+    folder = root / name
+    folder.mkdir(parents=True)
+    summary = {"status": status, "overrides": overrides, **m}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if spec:
+        (folder / "config.yaml").write_text(yaml.safe_dump({"ablation": spec}))
+    return folder
+
+
+def results_of(root: Path) -> Results:
+    runs = find_runs([root])
+    return Results(group_runs(runs, swept_parameters(runs)))
+
+
+BALANCE = {  # weights → (cv_load, max_mean_load, acc) for seeds 0 and 1
+    "[0,0]": [(2.0, 6.0, 0.95), (1.6, 5.0, 0.93)],
+    "[0.1,0.1]": [(0.2, 1.3, 0.97), (0.3, 1.4, 0.96)],
+    "[1,1]": [(0.1, 1.1, 0.96), (0.1, 1.1, 0.96)],
+}
+
+
+def balance_runs(root: Path, table=BALANCE) -> Results:
+    for w, seeds in table.items():
+        for seed, (cv, mm, acc) in enumerate(seeds):
+            write_run(
+                root,
+                f"{w}-{seed}",
+                [f"balance_weights={w}", f"seed={seed}"],
+                **{"test/cv_load": cv, "test/max_mean_load": mm, "test/acc": acc},
+            )
+    return results_of(root)
+
+
+def test_means_are_over_the_completed_runs_of_the_matching_groups(tmp_path):
+    results = balance_runs(tmp_path)
+    assert results.values("balance_weights") == ["[0,0]", "[0.1,0.1]", "[1,1]"]
+    assert results.mean("test/cv_load", balance_weights="[0,0]") == pytest.approx(1.8)
+    assert results.mean("test/acc") == pytest.approx(
+        sum(a for s in BALANCE.values() for *_, a in s) / 6
+    )
+    assert results.mean("test/acc", balance_weights="[5,5]") != results.mean("test/acc")
+
+
+def test_balance_verdicts_hold_on_balanced_numbers(tmp_path):
+    verdicts = balance_loss(balance_runs(tmp_path))
+    assert [v.holds for v in verdicts] == [True, True, True]
+    assert "CV(load) 1.80, max/mean 5.50" in verdicts[0].evidence
+    assert "from 0.9600 to 0.9650 (spread 0.50 points)" in verdicts[2].evidence
+
+
+def test_balance_verdicts_fail_when_the_numbers_say_so(tmp_path):
+    table = {**BALANCE, "[0.1,0.1]": [(0.7, 2.0, 0.90), (0.6, 2.0, 0.90)]}
+    verdicts = balance_loss(balance_runs(tmp_path, table))
+    assert [v.holds for v in verdicts] == [True, False, False]
+    assert [v.label for v in verdicts[1:]] == ["does not hold"] * 2
+
+
+def test_a_claim_whose_runs_failed_is_not_checked(tmp_path):
+    write_run(tmp_path, "a", ["gate=topk", "regularizer=switch"], status="diverged")
+    write_run(
+        tmp_path,
+        "b",
+        ["gate=bias_balanced", "regularizer=none"],
+        **{"test/max_vio": 0.1, "test/acc": 0.9},
+    )
+    verdicts = bias_balance(results_of(tmp_path))
+    assert [v.holds for v in verdicts] == [None, None]
+    assert all(v.label == "not checked" for v in verdicts)
+
+
+def test_cluster_verdict_compares_gains_not_accuracies(tmp_path):
+    accs = {  # (clusters, experts, expert) → acc: the MoE gains 5 points only on clusters
+        ("[]", "1", "cnn"): 0.90, ("[]", "4", "cnn"): 0.90,
+        ("[a]", "1", "cnn"): 0.80, ("[a]", "4", "cnn"): 0.85,
+        ("[]", "1", "linear"): 0.70, ("[]", "4", "linear"): 0.71,
+        ("[a]", "1", "linear"): 0.60, ("[a]", "4", "linear"): 0.66,
+    }  # fmt: skip
+    for i, ((c, e, kind), acc) in enumerate(accs.items()):
+        write_run(
+            tmp_path, str(i), [f"data.clusters={c}", f"experts={e}", f"expert={kind}"],
+            **{"test/acc": acc},
+        )  # fmt: skip
+    holds = [v.holds for v in clusters(results_of(tmp_path))]
+    assert holds == [True, False]  # linear gains 6 points > cnn's 5
+
+
+def test_overfitting_verdict_reads_the_small_set_and_ignores_the_dense_runs(tmp_path):
+    for e, gap in (("1", 0.05), ("4", 0.10), ("16", 0.20)):
+        for drop, shrink in (("0.0", 0.0), ("0.4", 0.03)):
+            for fraction, scale in (("0.05", 1.0), ("1.0", 0.1)):
+                write_run(
+                    tmp_path, f"{e}-{drop}-{fraction}",
+                    [f"experts={e}", f"expert.dropout={drop}", f"data.train_fraction={fraction}"],
+                    **{"gap/acc": scale * (gap - shrink)},
+                )  # fmt: skip
+    write_run(  # a dense baseline with a huge gap must not enter the mixtures' trend
+        tmp_path / "also0", "d",
+        ["model=dense_flops", "experts=4", "expert.dropout=0.0", "data.train_fraction=0.05"],
+        **{"gap/acc": 0.9},
+    )  # fmt: skip
+    trend, dropout = overfitting(results_of(tmp_path))
+    assert trend.holds and "ρ = +1.00" in trend.evidence and "dense_flops: 90.00" in trend.evidence
+    assert dropout.holds and "dropout 0.0: 11.67, dropout 0.4: 8.67 points" in dropout.evidence
+
+
+def test_the_overfitting_preset_adds_its_dense_baseline_sweep(tmp_path):
+    main, dense = sweeps("ablation_overfitting", tmp_path, ["seed=3"])
+    assert main == ["experiment=ablation_overfitting", f"hydra.sweep.dir={tmp_path}", "seed=3"]
+    assert dense[1:] == [
+        f"hydra.sweep.dir={tmp_path / 'also0'}",
+        "model=dense_flops,dense_params",
+        "experts=4",
+        "seed=3",
+    ]
+
+
+def test_spearman_rank_correlation():
+    assert _spearman([1, 2, 4, 8], [0.1, 0.2, 0.3, 0.5]) == pytest.approx(1.0)
+    assert _spearman([1, 2, 4, 8], [0.5, 0.3, 0.2, 0.1]) == pytest.approx(-1.0)
+    assert _spearman([1, 2, 3], [1, 1, 1]) == 0.0
+
+
+def test_report_writes_verdicts_and_the_published_table(tmp_path):
+    spec = {
+        "title": "Balance",
+        "check": {"_target_": "moe_exp.ablations.balance_loss", "_partial_": True},
+        "metrics": ["test/acc", "test/cv_load"],
+        "published": {"header": ["w", "CV(load)"], "rows": [[0.0, 3.01]]},
+    }
+    balance_runs(tmp_path / "runs")
+    write_run(tmp_path / "runs", "spec", ["balance_weights=[0,0]", "seed=9"], "failed", spec)
+    table = build_report([tmp_path / "runs"], tmp_path / "out", plots=False)
+    assert table["header"][:3] == ["balance_weights", "test/acc", "test/cv_load"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.startswith("# Balance\n") and "## Verdicts" in md and "| 0.0 | 3.01 |" in md
+    saved = json.loads((tmp_path / "out" / "verdicts.json").read_text())
+    assert [v["verdict"] for v in saved] == ["holds"] * 3
+
+
+PRESETS = {  # each preset reduced to 2 grid points, 1 seed, tiny data, 1 epoch
+    "ablation_balance": ["hydra.sweeper.params.balance_weights='[0,0],[1,1]'"],
+    "ablation_bias_balance": ["hydra.sweeper.params.gate=bias_balanced",
+                              "hydra.sweeper.params.regularizer=none,switch"],
+    "ablation_clusters": ["hydra.sweeper.params.experts=1,4", "hydra.sweeper.params.expert=linear",
+                          "hydra.sweeper.params.data.clusters='[rotate90]'"],
+    "shape_colour_specialisation": ["hydra.sweeper.params.strategy=joint,hierarchical_attribute"],
+    "ablation_overfitting": ["hydra.sweeper.params.experts=1,2",
+                             "hydra.sweeper.params.data.train_fraction=0.5",
+                             "hydra.sweeper.params.expert.dropout=0.4", "trainer.max_steps=4"],
+    "strategies": ["hydra.sweeper.params.strategy=joint,em",
+                   "hydra.sweeper.params.data=shapes"],
+}  # fmt: skip
+TINY = ["data.n_train=256", "data.n_val=128", "data.n_test=128", "trainer.max_epochs=1",
+        "hydra.sweeper.params.seed=0"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_preset_runs_reduced_and_reports_a_verdict(preset, tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_cli(
+        f"experiment={preset}", f"hydra.sweep.dir={sweep}", *TINY, *PRESETS[preset], cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = find_runs([sweep])
+    assert len(runs) == 2 and all(r.status == "completed" for r in runs)
+    table = build_report([sweep], tmp_path / "report", plots=False)
+    assert table["verdicts"], "the preset's check gave no verdict"
+    assert {v.label for v in table["verdicts"]} <= {"holds", "does not hold", "not checked"}
+    assert "## Verdicts" in (tmp_path / "report" / "report.md").read_text()
