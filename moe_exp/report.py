@@ -278,7 +278,7 @@ def _plots(groups: list[Group], swept: list[str], metrics: Sequence[str], out: P
                 by_value[g.params[parameter]] += [
                     v for r in g.completed if (v := r.metric(metric)) is not None
                 ]
-            xs = [x for x in sorted(by_value, key=_sort_key) if by_value[x]]
+            xs = [x for x in _axis_order(by_value) if by_value[x]]
             if not xs:
                 continue
             means = [statistics.fmean(by_value[x]) for x in xs]
@@ -288,11 +288,12 @@ def _plots(groups: list[Group], swept: list[str], metrics: Sequence[str], out: P
     return paths
 
 
-def _sort_key(value: str) -> tuple[int, float | str]:
+def _axis_order(values: dict[str, Any]) -> list[str]:
+    """Numbers ascending; anything else (gate names, lists of weights) in sweep order."""
     try:
-        return (0, float(value))
+        return sorted(values, key=float)
     except ValueError:
-        return (1, value)
+        return list(values)
 
 
 def print_table(table: dict[str, Any], title: str) -> None:

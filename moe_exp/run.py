@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import pickle
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe_exp.build import build_components
+from moe_exp.checkpoints import check_fits, load_checkpoint
 from moe_exp.config import build, validate
 from moe_exp.errors import ConfigError, DivergedError, MoeExpError
 from moe_exp.loggers import close_wandb
@@ -30,7 +29,6 @@ from moe_exp.record import RunRecord
 
 log = logging.getLogger("moe_exp")
 PROBE_INPUTS = 256  # test inputs used for FLOP counting and expert similarity
-SHOWN_MISMATCHES = 5
 EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as shells report them
 
 
@@ -144,58 +142,6 @@ def _check_resume_folder(folder: Path, run_dir: Path) -> None:
 
 
 # -- checkpoints --------------------------------------------------------------------------------
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never code.
-    Unreadable files raise a MoeExpError saying what the file is not."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MoeExpError(f"checkpoint {path} does not exist") from None
-    except pickle.UnpicklingError as err:
-        if not zipfile.is_zipfile(path):  # torch's format is a zip archive
-            raise MoeExpError(
-                f"checkpoint {path} could not be read: it is corrupted, truncated or not a "
-                "PyTorch checkpoint (not a torch.save archive)"
-            ) from None
-        reason = [ln.strip() for ln in str(err).splitlines() if "WeightsUnpickler error" in ln]
-        raise MoeExpError(
-            f"checkpoint {path} was refused by torch.load(weights_only=True): it holds objects "
-            f"other than tensors and plain containers ({(reason or ['unsafe content'])[0]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MoeExpError(
-            f"checkpoint {path} could not be read: it is corrupted, truncated or not a "
-            f"PyTorch checkpoint ({type(err).__name__}: {first})"
-        ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise MoeExpError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
-    return checkpoint
-
-
-def _shape(t: Any) -> str:
-    return str(list(t.shape)) if hasattr(t, "shape") else type(t).__name__
-
-
-def check_fits(saved: Mapping[str, Any], expected: Mapping[str, Any], path: Path) -> None:
-    """Raise a MoeExpError naming every key whose shape differs (checkpoint vs model) and
-    the keys only one side has, as another architecture or expert count gives."""
-    problems = [
-        f"{key}: checkpoint shape {_shape(saved[key])}, model shape {_shape(expected[key])}"
-        for key in expected
-        if key in saved and _shape(saved[key]) != _shape(expected[key])
-    ]
-    problems += [f"{k}: in the model, not in the checkpoint" for k in expected if k not in saved]
-    problems += [f"{k}: in the checkpoint, not in the model" for k in saved if k not in expected]
-    if problems:
-        more = len(problems) - SHOWN_MISMATCHES
-        shown = "; ".join(problems[:SHOWN_MISMATCHES]) + (f"; and {more} more" if more > 0 else "")
-        raise MoeExpError(
-            f"checkpoint {path} does not fit this model (another architecture, expert count "
-            f"or config?): {shown}. Resume with the run's own config, or start a new run."
-        )
-
-
 def _carry_csv_rows(run_dir: Path, before_epoch: int) -> list[dict[str, Any]]:
     """metrics.csv rows of the epochs a resumed run keeps (Lightning's CSV logger deletes the
     file when it starts; the rows are handed back to it)."""
@@ -275,6 +221,21 @@ def make_trainer(
     )
 
 
+@torch.no_grad()
+def eval_accuracy(module: Any, split: Any, batch_size: int = 1024) -> float:
+    """Accuracy over a whole split in eval mode (no dropout, no noise, no augmentation): the
+    training accuracy a generalisation gap should use; the epoch's running train/acc is
+    taken with dropout on and while the weights move."""
+    was_training = module.model.training
+    module.model.eval()
+    correct = sum(
+        int((module.model(x.to(module.device))[0].argmax(-1).cpu() == y).sum())
+        for x, y in zip(split.images.split(batch_size), split.labels.split(batch_size), strict=True)
+    )
+    module.model.train(was_training)
+    return correct / max(len(split), 1)
+
+
 def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     """FLOPs per input, expert similarity and the routing pictures of the tested model."""
     from moe_exp.cost import flops_per_sample
@@ -283,6 +244,7 @@ def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any
 
     probe = datamodule.splits["test"].images[:PROBE_INPUTS]
     results: dict[str, Any] = dict(flops_per_sample(module.model, probe))
+    results["train/acc_eval"] = eval_accuracy(module, datamodule.splits["train"])
     matrices = expert_similarity(module.model, probe)
     results.update(similarity_summary(matrices))
     names = {"label": datamodule.class_names, **datamodule.latent_values}
@@ -363,6 +325,7 @@ def _train_and_test(
         best_checkpoint=str(Path(best).relative_to(run_dir)) if best else None,
         plots=[str(p.relative_to(run_dir)) for p in plots],
     )
+    results["gap/acc_eval"] = results["train/acc_eval"] - results["val/acc"]
     record.finish("completed", **results)
     log_to_wandb(trainer.loggers, record.data, plots)
     return results

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_exp.errors import ConfigError
+from moe_exp import checkpoints
+from moe_exp.errors import ConfigError, MoeExpError
 from moe_exp.moe import MoE
 from moe_exp.moe.experts import build_experts, first_kind
 
@@ -65,8 +66,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint (tensors and plain containers only: weights_only=True)."""
-    return torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=True)
+    """A run folder's best checkpoint or a ``.ckpt`` (tensors and plain containers only)."""
+    return checkpoints.load_checkpoint(resolve_checkpoint(path))
 
 
 def checkpoint_experts(checkpoint: Mapping[str, Any]) -> int:
@@ -266,15 +267,14 @@ class Surgery:
         checkpoint = load_checkpoint(source)
         state = {k[6:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            have = checkpoint_experts(checkpoint)
-            detail = " ".join(str(err).split())
+            checkpoints.check_fits(state, model.state_dict(), resolve_checkpoint(source))
+        except MoeExpError as err:
             raise ConfigError(
-                f"surgery.init_from={source}: the checkpoint ({have} mixture experts) does not "
-                "fit the model this config builds; give the source run's experts, expert, gate "
-                f"and model overrides. {detail[:400]}"
-            ) from err
+                f"surgery.init_from={source}: the checkpoint ({checkpoint_experts(checkpoint)} "
+                "mixture experts) does not fit the model this config builds; give the source "
+                f"run's experts, expert, gate and model overrides. {err}"
+            ) from None
+        model.load_state_dict(state)
 
     @staticmethod
     def _rebuild(

@@ -49,7 +49,12 @@ def balance_runs(root: Path, table=BALANCE) -> Results:
                 root,
                 f"{w}-{seed}",
                 [f"balance_weights={w}", f"seed={seed}"],
-                **{"test/cv_load": cv, "test/max_mean_load": mm, "test/acc": acc},
+                **{
+                    "test/cv_load": cv,
+                    "train/cv_load": cv / 2,
+                    "test/max_mean_load": mm,
+                    "test/acc": acc,
+                },
             )
     return results_of(root)
 
@@ -66,16 +71,17 @@ def test_means_are_over_the_completed_runs_of_the_matching_groups(tmp_path):
 
 def test_balance_verdicts_hold_on_balanced_numbers(tmp_path):
     verdicts = balance_loss(balance_runs(tmp_path))
-    assert [v.holds for v in verdicts] == [True, True, True]
+    assert [v.holds for v in verdicts] == [True, True, True, True]
     assert "CV(load) 1.80, max/mean 5.50" in verdicts[0].evidence
-    assert "from 0.9600 to 0.9650 (spread 0.50 points)" in verdicts[2].evidence
+    assert "[0.1,0.1]: 0.125" in verdicts[2].evidence  # the training-time CV
+    assert "from 0.9600 to 0.9650 (spread 0.50 points)" in verdicts[3].evidence
 
 
 def test_balance_verdicts_fail_when_the_numbers_say_so(tmp_path):
     table = {**BALANCE, "[0.1,0.1]": [(0.7, 2.0, 0.90), (0.6, 2.0, 0.90)]}
     verdicts = balance_loss(balance_runs(tmp_path, table))
-    assert [v.holds for v in verdicts] == [True, False, False]
-    assert [v.label for v in verdicts[1:]] == ["does not hold"] * 2
+    assert [v.holds for v in verdicts] == [True, False, True, False]  # train CV 0.33 < 0.5
+    assert verdicts[3].label == "does not hold"
 
 
 def test_a_claim_whose_runs_failed_is_not_checked(tmp_path):
@@ -87,8 +93,26 @@ def test_a_claim_whose_runs_failed_is_not_checked(tmp_path):
         **{"test/max_vio": 0.1, "test/acc": 0.9},
     )
     verdicts = bias_balance(results_of(tmp_path))
-    assert [v.holds for v in verdicts] == [None, None]
+    assert [v.holds for v in verdicts] == [None, None, None]
     assert all(v.label == "not checked" for v in verdicts)
+
+
+def test_bias_balance_is_checked_for_each_update_rate(tmp_path):
+    arms = {  # (gate, regularizer, γ): (test MaxVio, train MaxVio, test acc)
+        ("topk", "switch", None): (1.0, 1.0, 0.990),
+        ("topk", "none", None): (2.0, 2.0, 0.990),
+        ("bias_balanced", "none", None): (0.5, 0.2, 0.985),
+        ("bias_balanced", "none", "0.01"): (1.5, 0.1, 0.950),
+    }
+    for i, ((gate, reg, rate), (test, train, acc)) in enumerate(arms.items()):
+        extra = [f"gate.bias_update_rate={rate}"] if rate else []
+        write_run(
+            tmp_path, str(i), [f"gate={gate}", f"regularizer={reg}", *extra],
+            **{"test/max_vio": test, "train/max_vio": train, "test/acc": acc},
+        )  # fmt: skip
+    verdicts = bias_balance(results_of(tmp_path))
+    assert [v.claim.split(":")[0] for v in verdicts] == ["γ = 0.01"] * 3 + ["γ = 0.001 (paper)"] * 3
+    assert [v.holds for v in verdicts] == [False, True, False, True, True, True]
 
 
 def test_cluster_verdict_compares_gains_not_accuracies(tmp_path):
@@ -114,16 +138,19 @@ def test_overfitting_verdict_reads_the_small_set_and_ignores_the_dense_runs(tmp_
                 write_run(
                     tmp_path, f"{e}-{drop}-{fraction}",
                     [f"experts={e}", f"expert.dropout={drop}", f"data.train_fraction={fraction}"],
-                    **{"gap/acc": scale * (gap - shrink)},
+                    **{"gap/acc_eval": scale * (gap - shrink), "val/acc": 0.8 - shrink},
                 )  # fmt: skip
     write_run(  # a dense baseline with a huge gap must not enter the mixtures' trend
         tmp_path / "also0", "d",
         ["model=dense_flops", "experts=4", "expert.dropout=0.0", "data.train_fraction=0.05"],
-        **{"gap/acc": 0.9},
+        **{"gap/acc_eval": 0.9},
     )  # fmt: skip
-    trend, dropout = overfitting(results_of(tmp_path))
-    assert trend.holds and "ρ = +1.00" in trend.evidence and "dense_flops: 90.00" in trend.evidence
+    more, trend, dropout, regularises = overfitting(results_of(tmp_path))
+    assert more.holds and "E=1: 5.00, E=4: 10.00, E=16: 20.00 points" in more.evidence
+    assert "dense_flops: 90.00" in more.evidence
+    assert trend.holds and "ρ = +1.00" in trend.evidence
     assert dropout.holds and "dropout 0.0: 11.67, dropout 0.4: 8.67 points" in dropout.evidence
+    assert not regularises.holds  # the gap shrank, but so did val/acc (0.80 → 0.77)
 
 
 def test_the_overfitting_preset_adds_its_dense_baseline_sweep(tmp_path):
@@ -157,7 +184,7 @@ def test_report_writes_verdicts_and_the_published_table(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert md.startswith("# Balance\n") and "## Verdicts" in md and "| 0.0 | 3.01 |" in md
     saved = json.loads((tmp_path / "out" / "verdicts.json").read_text())
-    assert [v["verdict"] for v in saved] == ["holds"] * 3
+    assert [v["verdict"] for v in saved] == ["holds"] * 4
 
 
 PRESETS = {  # each preset reduced to 2 grid points, 1 seed, tiny data, 1 epoch

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -103,3 +104,22 @@ def test_a_run_with_wandb_offline_writes_everything(cli, tmp_path, monkeypatch):
     assert b"experiment=quick" in blob and b"test/acc" in blob
     media = list(Path(wandb_file.parent, "files", "media", "images").rglob("*.png"))
     assert len(media) >= 7
+
+
+def test_eval_accuracy_is_the_eval_mode_accuracy_of_the_whole_split():
+    from moe_exp.build import build_components
+    from moe_exp.run import eval_accuracy
+    from tests.conftest import compose_config
+
+    torch.manual_seed(0)
+    _, module = build_components(compose_config([*QUICK, "expert.dropout=0.5"]))
+    datamodule, _ = build_components(compose_config(QUICK))
+    split = datamodule.splits["train"]
+    module.model.train()
+    first = eval_accuracy(module, split, batch_size=100)
+    assert module.model.training  # mode restored
+    assert eval_accuracy(module, split, batch_size=512) == first  # dropout off: deterministic
+    module.model.eval()
+    with torch.no_grad():
+        predicted = module.model(split.images)[0].argmax(-1)
+    assert first == pytest.approx((predicted == split.labels).double().mean().item(), abs=1e-9)

@@ -14,9 +14,9 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from moe_exp.build import build_components
+from moe_exp.checkpoints import check_fits, load_checkpoint
 from moe_exp.cli import resume_argv
 from moe_exp.errors import MoeExpError
-from moe_exp.run import check_fits, load_checkpoint
 from tests.conftest import CLI, QUICK, compose_config, run_cli
 
 # Two epochs of 32 batches: the kill lands inside the second epoch.

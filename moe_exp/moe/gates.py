@@ -17,6 +17,7 @@ gives it to the uniform distribution).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,14 @@ from moe_exp.moe.routing import Routing, expert_capacity, limit_capacity
 
 
 class Router(nn.Module):
-    """A linear router: logits = h · W (+ b). Subclasses decide who gets each input."""
+    """A linear router: logits = h · W (+ b). Subclasses decide who gets each input.
+
+    ``renormalises_kept``: the combine weights are renormalised over the k kept experts, so
+    with k = 1 every weight is 1 and the task loss gives the router no gradient (only aux
+    losses train it); such gates warn at k = 1 (the switch gate weights by p_i instead).
+    """
+
+    renormalises_kept = False
 
     def __init__(
         self,
@@ -46,6 +54,13 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.k = k
         self.capacity_factor = capacity_factor
+        if k == 1 and num_experts > 1 and self.renormalises_kept:
+            warnings.warn(
+                f"{type(self).__name__} with k=1 renormalises the one kept weight to 1: the "
+                "router gets no gradient from the task loss, only from aux losses; use the "
+                "switch gate (weight p_i) for learned top-1 routing",
+                stacklevel=2,
+            )
         if linear:
             self.proj = nn.Linear(in_features, num_experts)
 
@@ -99,6 +114,8 @@ class TopKGate(Router):
     The sparsely-gated layer of Shazeer et al. (2017) without the noise term.
     """
 
+    renormalises_kept = True
+
     def forward(self, h: Tensor) -> Routing:
         logits = self.logits(h)
         weights, indices = _top_k_routing(logits, self.k)
@@ -114,6 +131,8 @@ class NoisyTopKGate(Router):
     smooth load estimator P(x, i) = Φ(((x·W_g)_i − kth_excluding(H(x), k, i)) / σ_i(x))
     (paper appendix A), which the load loss differentiates.
     """
+
+    renormalises_kept = True
 
     def __init__(
         self,
@@ -382,6 +401,8 @@ class BiasBalancedGate(Router):
     bias never changes in evaluation. Under DDP the loads are summed over ranks first.
     """
 
+    renormalises_kept = True
+
     def __init__(
         self,
         in_features: int,
@@ -433,6 +454,8 @@ class CosineGate(Router):
     clamped to >= ``min_temperature`` so logits stay bounded), then top-k with weights
     softmax over the kept logits.
     """
+
+    renormalises_kept = True
 
     def __init__(
         self,

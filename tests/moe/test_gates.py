@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -380,3 +381,17 @@ def test_hierarchical_weight_is_product_of_levels():
 def test_hierarchical_rejects_groups_that_do_not_divide_experts():
     with pytest.raises(ValueError, match=r"num_groups=4 must divide num_experts=6 \(valid: 1, 2"):
         HierarchicalGate(D, 6, num_groups=4)
+
+
+def test_top_1_with_renormalised_weights_warns_and_the_task_gives_the_router_no_gradient():
+    with pytest.warns(UserWarning, match="no gradient from the task loss"):
+        gate = TopKGate(8, 4, k=1)
+    routing = gate(torch.randn(16, 8))
+    (routing.weights * torch.randn(16, 1)).sum().backward()
+    assert torch.all(routing.weights == 1) and torch.all(gate.proj.weight.grad == 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        switch = SwitchGate(8, 4)  # top-1 that weights by p_i: no warning, a real gradient
+    routing = switch(torch.randn(16, 8))
+    (routing.weights * torch.randn(16, 1)).sum().backward()
+    assert switch.proj.weight.grad.abs().sum() > 0
