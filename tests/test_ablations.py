@@ -187,21 +187,16 @@ def test_report_writes_verdicts_and_the_published_table(tmp_path):
     assert [v["verdict"] for v in saved] == ["holds"] * 4
 
 
-PRESETS = {  # each preset reduced to 2 grid points, 1 seed, tiny data, 1 epoch
-    "ablation_balance": ["hydra.sweeper.params.balance_weights='[0,0],[1,1]'"],
-    "ablation_bias_balance": ["hydra.sweeper.params.gate=bias_balanced",
-                              "hydra.sweeper.params.regularizer=none,switch"],
-    "ablation_clusters": ["hydra.sweeper.params.experts=1,4", "hydra.sweeper.params.expert=linear",
-                          "hydra.sweeper.params.data.clusters='[rotate90]'"],
-    "shape_colour_specialisation": ["hydra.sweeper.params.strategy=joint,hierarchical_attribute"],
-    "ablation_overfitting": ["hydra.sweeper.params.experts=1,2",
-                             "hydra.sweeper.params.data.train_fraction=0.5",
-                             "hydra.sweeper.params.expert.dropout=0.4", "trainer.max_steps=4"],
-    "strategies": ["hydra.sweeper.params.strategy=joint,em",
-                   "hydra.sweeper.params.data=shapes"],
+PRESETS = {  # each preset reduced to 2 grid points (command-line sweeps win over the preset's)
+    "ablation_balance": ["balance_weights=[0,0],[1,1]"],
+    "ablation_bias_balance": ["gate=bias_balanced", "regularizer=none,switch"],
+    "ablation_clusters": ["experts=1,4", "expert=linear", "data.clusters=[rotate90]"],
+    "ablation_overfitting": ["experts=1,2", "data.train_fraction=0.5", "expert.dropout=0.4",
+                             "trainer.max_steps=4"],
+    "shape_colour_specialisation": ["strategy=joint,hierarchical_attribute"],
+    "strategies": ["strategy=joint,em", "data=shapes"],
 }  # fmt: skip
-TINY = ["data.n_train=256", "data.n_val=128", "data.n_test=128", "trainer.max_epochs=1",
-        "hydra.sweeper.params.seed=0"]  # fmt: skip
+TINY = ["data.n_train=256", "data.n_val=128", "data.n_test=128", "trainer.max_epochs=1", "seed=0"]
 
 
 @pytest.mark.slow

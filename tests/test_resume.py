@@ -29,7 +29,16 @@ def run_folder(root: Path) -> Path:
 
 
 def metrics(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if "/" in k}
+    """The summary's metrics, less the interrupted epoch's running training means (train/*
+    except the eval-mode train/acc_eval, and the gap/acc and gap/loss built from them): a
+    resumed run averages only the batches trained after the resume (the accumulators are
+    not in the checkpoint). Every validation, test and eval-mode value must match exactly."""
+    running = ("gap/acc", "gap/loss")
+    return {
+        k: v
+        for k, v in summary.items()
+        if "/" in k and k not in running and not (k.startswith("train/") and k != "train/acc_eval")
+    }
 
 
 def val_rows(folder: Path) -> dict[str, dict[str, str]]:
