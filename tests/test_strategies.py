@@ -68,17 +68,23 @@ class StageWatch(L.Callback):
         )
 
 
-@pytest.fixture(scope="module")
-def staged_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("staged")
-    cfg = compose_config([*SMALL, "strategy=hierarchical", TWO_STAGES])
+def watched_fit(cfg, run_dir, strategy_class):
+    """Train with the strategy, a StageWatch first among the callbacks (seeded)."""
     torch.manual_seed(0)
     datamodule, module = build_components(cfg)
     trainer = make_trainer(cfg, run_dir)
     watch = StageWatch()
     trainer.callbacks.insert(0, watch)
-    strategy = HierarchicalStrategy(**{k: v for k, v in cfg.strategy.items() if k != "_target_"})
+    strategy = strategy_class(**{k: v for k, v in cfg.strategy.items() if k != "_target_"})
     strategy.fit(trainer, module, datamodule)
+    return trainer, module, watch
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("staged")
+    cfg = compose_config([*SMALL, "strategy=hierarchical", TWO_STAGES])
+    trainer, _, watch = watched_fit(cfg, run_dir, HierarchicalStrategy)
     return run_dir, watch.epochs, trainer
 
 
@@ -257,13 +263,7 @@ def test_resuming_under_another_stage_plan_is_refused(tmp_path):
 # -- EM alternation schedule ------------------------------------------------------------
 def test_em_epoch_schedule_alternates_experts_and_gate_with_the_other_side_frozen(tmp_path):
     cfg = compose_config([*SMALL, "strategy=em", "strategy.schedule=epoch", "trainer.max_epochs=3"])
-    torch.manual_seed(0)
-    datamodule, module = build_components(cfg)
-    trainer = make_trainer(cfg, tmp_path)
-    watch = StageWatch()
-    trainer.callbacks.insert(0, watch)
-    strategy = EMStrategy(**{k: v for k, v in cfg.strategy.items() if k != "_target_"})
-    strategy.fit(trainer, module, datamodule)
+    trainer, _, watch = watched_fit(cfg, tmp_path, EMStrategy)
     assert [e["stage"] for e in watch.epochs] == ["em_experts", "em_gate", "em_experts"]
     assert len(trainer.optimizers) == 2  # one per side, each kept across its epochs
     experts_epoch, gate_epoch, _ = watch.epochs
