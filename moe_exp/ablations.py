@@ -45,12 +45,13 @@ class Results:
     def mean(self, metric: str, **where: str) -> float:
         """Mean of ``metric`` over the completed runs of every group matching ``where``.
 
-        Keys with dots (``data.n_train``) are passed with ``__`` (``data__n_train``)."""
+        Keys with dots (``data.n_train``) are passed with ``__`` (``data__n_train``); a key
+        the sweep did not vary counts as ``"default"``, as in the report's table."""
         wanted = {k.replace("__", "."): str(v) for k, v in where.items()}
         stats = [
             g.stats(metric)
             for g in self.groups
-            if all(g.params.get(k) == v for k, v in wanted.items())
+            if all(g.params.get(k, "default") == v for k, v in wanted.items())
         ]
         total = sum(n for _, _, n in stats)
         if total == 0:
@@ -65,7 +66,9 @@ def _numeric(value: str) -> tuple[int, float | str]:
         return (1, value)
 
 
-def _verdict(claim: str, values: Iterable[float], test: Callable[[], bool], evidence: str):
+def _verdict(
+    claim: str, values: Iterable[float], test: Callable[[], bool], evidence: str
+) -> Verdict:
     if any(math.isnan(v) for v in values):
         return Verdict(claim, None, evidence + " (some runs are missing)")
     return Verdict(claim, bool(test()), evidence)
