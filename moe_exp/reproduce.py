@@ -9,6 +9,7 @@ the runner itself and the report lists it; nothing here trains or scores anythin
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -16,14 +17,15 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-PRESETS = (
-    "ablation_balance",
-    "ablation_bias_balance",
-    "ablation_clusters",
-    "ablation_overfitting",
-    "shape_colour_specialisation",
-    "strategies",
-)
+
+def presets() -> list[str]:
+    """The experiment presets that carry an ``ablation`` block (conf/experiment/*.yaml)."""
+    from moe_exp.cli import config_dir
+
+    folder = Path(config_dir()) / "experiment"
+    return sorted(
+        p.stem for p in folder.glob("*.yaml") if re.search(r"^ablation:", p.read_text(), re.M)
+    )
 
 
 def sweeps(preset: str, folder: Path, extra: Sequence[str] = ()) -> list[list[str]]:
@@ -58,13 +60,14 @@ def reproduce(preset: str, root: Path, extra: Sequence[str] = ()) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moe_exp.reproduce", description=__doc__)
-    parser.add_argument("presets", nargs="*", default=list(PRESETS), help="default: all")
+    known = presets()
+    parser.add_argument("presets", nargs="*", default=known, help="default: all")
     parser.add_argument("--root", type=Path, default=Path("outputs/ablations"))
     parser.add_argument("--override", action="append", default=[], help="added to every sweep")
     args = parser.parse_args(argv)
-    unknown = [p for p in args.presets if p not in PRESETS]
+    unknown = [p for p in args.presets if p not in known]
     if unknown:
-        parser.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+        parser.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     for preset in args.presets:
         reproduce(preset, args.root, args.override)
 

@@ -16,7 +16,7 @@ from moe_exp.ablations import (
     overfitting,
 )
 from moe_exp.report import build_report, find_runs, group_runs, swept_parameters
-from moe_exp.reproduce import sweeps
+from moe_exp.reproduce import presets, sweeps
 from tests.conftest import run_cli
 
 
@@ -197,6 +197,10 @@ PRESETS = {  # each preset reduced to 2 grid points (command-line sweeps win ove
     "strategies": ["strategy=joint,em", "data=shapes"],
 }  # fmt: skip
 TINY = ["data.n_train=256", "data.n_val=128", "data.n_test=128", "trainer.max_epochs=1", "seed=0"]
+
+
+def test_every_ablation_preset_has_a_reduced_test():
+    assert presets() == sorted(PRESETS)
 
 
 @pytest.mark.slow
