@@ -31,13 +31,8 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
         regularizers=build(cfg.get("regularizer")) or {},
     )
     frozen = _surgery(cfg, model, expert, router, datamodule)
-    moe = getattr(model, "moe", None)
     module = MoEClassifierModule(
-        model,
-        datamodule.num_classes,
-        moe.num_experts if moe is not None else cfg.experts,
-        latents=datamodule.latent_spec(),
-        **cfg.optim,
+        model, datamodule.num_classes, latents=datamodule.latent_spec(), **cfg.optim
     )
     module.frozen_modules = frozen
     return datamodule, module

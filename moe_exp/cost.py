@@ -33,7 +33,7 @@ def flops_per_sample(model: nn.Module, x: Tensor) -> dict[str, float]:
         key = f"{root}.{name}" if name else root
         experts = by_module.get(key, 0) - by_module.get(f"{key}.router", 0)
         routed = max(routing.indices.shape[0], 1)
-        k_eff = float((routing.indices >= 0).sum()) / routed
+        k_eff = float(routing.experts_per_input().sum()) / routed
         if k_eff > 0:
             dense += experts * (routing.num_experts / k_eff - 1.0)
     n = x.shape[0]

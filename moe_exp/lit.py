@@ -60,7 +60,6 @@ class MoEClassifierModule(L.LightningModule):
         self,
         model: nn.Module,
         num_classes: int,
-        num_experts: int,
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         scheduler: str = "onecycle",
@@ -69,16 +68,8 @@ class MoEClassifierModule(L.LightningModule):
         router_weight_decay: float | None = None,
     ) -> None:
         super().__init__()
-        if router_lr is not None and router_lr <= 0:
-            raise ConfigError(f"optim.router_lr={router_lr} must be > 0 (or null: optim.lr)")
-        if router_weight_decay is not None and router_weight_decay < 0:
-            raise ConfigError(
-                f"optim.router_weight_decay={router_weight_decay} must be >= 0 "
-                "(or null: optim.weight_decay)"
-            )
         self.model = model
         self.num_classes = num_classes
-        self.num_experts = num_experts
         self.latents = dict(latents or {})
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
         self.router_lr, self.router_weight_decay = router_lr, router_weight_decay

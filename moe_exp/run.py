@@ -257,15 +257,13 @@ def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any
 
 
 def _fit(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, ckpt: Path | None) -> None:
-    """The strategy's fit, continuing from ``ckpt`` when given (Lightning's user-managed
-    ``trainer.ckpt_path``: the strategies call ``trainer.fit`` themselves)."""
+    """The strategy's fit, continuing from ``ckpt`` when given."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from moe_exp.callbacks import InterruptCheckpoint
 
-    trainer.ckpt_path = str(ckpt) if ckpt else None
     try:
-        build(cfg.strategy).fit(trainer, module, datamodule)
+        build(cfg.strategy).fit(trainer, module, datamodule, ckpt_path=str(ckpt) if ckpt else None)
     except (SIGTERMException, KeyboardInterrupt) as err:
         (saver,) = [c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint)]
         name = saver.signal_name or "SIGTERM"
@@ -275,8 +273,6 @@ def _fit(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, ckpt: Path
             f"Interrupted by {name} at {saver.where}; checkpoint saved to "
             f"checkpoints/last.ckpt. Continue with: moe-exp resume={run_dir}",
         ) from err
-    finally:
-        trainer.ckpt_path = None
     if trainer.received_sigterm and trainer.is_global_zero:
         log.warning("SIGTERM arrived as training ended; the run finishes normally")
 

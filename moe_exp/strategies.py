@@ -79,9 +79,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_exp.config import EM_SCHEDULES
 from moe_exp.errors import ConfigError
-from moe_exp.lit import make_schedule
+from moe_exp.lit import make_schedule, router_parameters
 from moe_exp.moe import Routing
 from moe_exp.moe.layer import dispatch_combine
 
@@ -324,7 +323,7 @@ def stage_parameters(model: Any, kind: str) -> list[nn.Parameter]:
     if kind == "experts":
         return list(model.moe.experts.parameters())
     if kind == "gate":
-        return [*model.gate_encoder.parameters(), *model.moe.router.parameters()]
+        return router_parameters(model)
     return list(model.parameters())
 
 
@@ -618,12 +617,6 @@ class EMStrategy(_Plan):
         lr: float | None = None,
         schedule: str = "batch",
     ) -> None:
-        if em_steps < 1:
-            raise ConfigError(f"strategy.em_steps={em_steps} must be >= 1")
-        if schedule not in EM_SCHEDULES:
-            raise ConfigError(
-                f"strategy.schedule={schedule!r} is not one of {', '.join(EM_SCHEDULES)}"
-            )
         self.em_steps = self.steps_per_batch = em_steps
         self._epochs, self._lr, self.schedule = epochs, lr, schedule
         super().__init__([])

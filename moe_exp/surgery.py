@@ -174,8 +174,6 @@ class Surgery:
                 f"surgery.train={self.train}: {bad} not understood; use {', '.join(TRAIN_WORDS)} "
                 "or expert ids"
             )
-        if self.add < 0:
-            raise ConfigError(f"surgery.add={self.add} must be >= 0")
         for entry in self.graft:
             if set(entry) != {"from", "expert", "into"}:
                 raise ConfigError(
@@ -264,10 +262,11 @@ class Surgery:
         return frozen
 
     def _load(self, model: nn.Module, source: str) -> None:
-        checkpoint = load_checkpoint(source)
+        path = resolve_checkpoint(source)
+        checkpoint = checkpoints.load_checkpoint(path)
         state = {k[6:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         try:
-            checkpoints.check_fits(state, model.state_dict(), resolve_checkpoint(source))
+            checkpoints.check_fits(state, model.state_dict(), path)
         except MoeExpError as err:
             raise ConfigError(
                 f"surgery.init_from={source}: the checkpoint ({checkpoint_experts(checkpoint)} "

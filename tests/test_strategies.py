@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moe_exp.build import build_components
+from moe_exp.config import validate
 from moe_exp.errors import ConfigError
 from moe_exp.run import make_trainer
 from moe_exp.strategies import (
@@ -272,7 +273,7 @@ def test_em_epoch_schedule_alternates_experts_and_gate_with_the_other_side_froze
     assert not gate_epoch["holds_experts"] and not experts_epoch["holds_gate"]
     assert not (tmp_path / "checkpoints" / "stage1_em_experts.ckpt").exists()
     with pytest.raises(ConfigError, match=r"strategy\.schedule='sometimes'"):
-        EMStrategy(schedule="sometimes")
+        validate(compose_config(["strategy=em", "strategy.schedule=sometimes"]))
 
 
 def test_em_batch_schedule_trains_both_sides_every_epoch_with_router_groups(tmp_path):

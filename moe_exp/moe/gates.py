@@ -122,7 +122,7 @@ class TopKGate(Router):
         return self._route(logits, logits.softmax(-1), weights, indices)
 
 
-class NoisyTopKGate(Router):
+class NoisyTopKGate(TopKGate):
     """Noisy top-k gating (Shazeer et al. 2017, "Outrageously large neural networks", eq. 3-5).
 
     H(x)_i = (x·W_g)_i + ε·softplus((x·W_noise)_i), ε ~ N(0, 1), during training only;
@@ -131,8 +131,6 @@ class NoisyTopKGate(Router):
     smooth load estimator P(x, i) = Φ(((x·W_g)_i − kth_excluding(H(x), k, i)) / σ_i(x))
     (paper appendix A), which the load loss differentiates.
     """
-
-    renormalises_kept = True
 
     def __init__(
         self,
@@ -148,10 +146,9 @@ class NoisyTopKGate(Router):
             nn.init.zeros_(layer.bias)
 
     def forward(self, h: Tensor) -> Routing:
-        clean = self.logits(h)
         if not self.training:
-            weights, indices = _top_k_routing(clean, self.k)
-            return self._route(clean, clean.softmax(-1), weights, indices)
+            return super().forward(h)  # plain top-k on the clean logits
+        clean = self.logits(h)
         std = F.softplus(self.noise(h)) + 1e-2  # floor: keeps the Φ argument finite
         noisy = clean + torch.randn_like(clean) * std
         weights, indices = _top_k_routing(noisy, self.k)
@@ -446,7 +443,7 @@ class BiasBalancedGate(Router):
         self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
 
-class CosineGate(Router):
+class CosineGate(TopKGate):
     """Cosine router (X-MoE, Chi et al. 2022, "On the representation collapse of sparse MoE").
 
     logits_i = cos(W·h, e_i) / τ: the input is projected to a low dimension (16), compared
@@ -454,8 +451,6 @@ class CosineGate(Router):
     clamped to >= ``min_temperature`` so logits stay bounded), then top-k with weights
     softmax over the kept logits.
     """
-
-    renormalises_kept = True
 
     def __init__(
         self,
@@ -476,11 +471,6 @@ class CosineGate(Router):
     def logits(self, h: Tensor) -> Tensor:
         cos = F.normalize(self.proj(h), dim=-1) @ F.normalize(self.expert_embeddings, dim=-1).T
         return cos / self.temperature.clamp_min(self.min_temperature)
-
-    def forward(self, h: Tensor) -> Routing:
-        logits = self.logits(h)
-        weights, indices = _top_k_routing(logits, self.k)
-        return self._route(logits, logits.softmax(-1), weights, indices)
 
 
 class HierarchicalGate(Router):

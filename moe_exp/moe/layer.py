@@ -31,8 +31,9 @@ class GroupedExperts(Protocol):
     def forward_grouped(self, x_sorted: Tensor, counts: list[int]) -> Tensor: ...
 
 
-def sort_by_expert(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:
-    """The kept (input, expert) assignments sorted by expert: (input rows, weights, counts)."""
+def sort_by_expert(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """The kept (input, expert) assignments sorted by expert: (input rows, expert ids,
+    weights, counts per expert)."""
     n, k = routing.indices.shape
     flat_expert = routing.indices.reshape(-1)
     flat_weight = routing.weights.reshape(-1)
@@ -46,7 +47,7 @@ def sort_by_expert(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor, 
         )
     order = torch.argsort(flat_expert, stable=True)
     counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
-    return flat_input[order], flat_weight[order], counts
+    return flat_input[order], flat_expert[order], flat_weight[order], counts
 
 
 def dispatch_combine(
@@ -66,7 +67,7 @@ def dispatch_combine(
     if routing.is_soft:
         return soft_dispatch_combine(x, routing, experts, transform)
     grouped = isinstance(experts, GroupedExperts)
-    rows, weights, counts = sort_by_expert(
+    rows, expert_ids, weights, counts = sort_by_expert(
         routing, experts.num_experts if grouped else len(experts)
     )
     if rows.numel() == 0:
@@ -81,9 +82,6 @@ def dispatch_combine(
         ]
         out = torch.cat(blocks)
     if record_predictions:
-        expert_ids = torch.repeat_interleave(
-            torch.arange(len(counts), device=rows.device), torch.tensor(counts, device=rows.device)
-        )
         routing.expert_predictions = (rows, expert_ids, out.detach().argmax(-1))
     if transform is not None:
         out = transform(out)

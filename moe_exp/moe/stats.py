@@ -28,11 +28,7 @@ def coefficient_of_variation(x: Tensor) -> float:
 def normalized_entropy(load: Tensor) -> float:
     """Entropy of the load distribution divided by log(E): 1 = uniform, 0 = one expert."""
     e = load.numel()
-    if e <= 1:
-        return 1.0
-    p = load.double() / load.double().sum().clamp_min(1e-12)
-    h = -(p * p.clamp_min(1e-300).log()).sum()
-    return float(h / math.log(e))
+    return 1.0 if e <= 1 else float(_entropy(load.double()) / math.log(e))
 
 
 def max_violation(load: Tensor) -> float:
