@@ -72,12 +72,15 @@ def dispatch_combine(
     )
     if rows.numel() == 0:
         raise RuntimeError("no input was routed to any expert")
+    # index_select, not x[rows]: its backward is an index_add_, where advanced indexing's is
+    # an accumulating index_put_ (forward+backward on [4096, 256], 2 threads: 2.4 vs 3.7 ms)
+    x_sorted = x.index_select(0, rows)
     if grouped:
-        out = experts.forward_grouped(x[rows], counts)
+        out = experts.forward_grouped(x_sorted, counts)
     else:
         blocks = [
             expert(block)
-            for expert, block, c in zip(experts, x[rows].split(counts), counts, strict=True)
+            for expert, block, c in zip(experts, x_sorted.split(counts), counts, strict=True)
             if c > 0
         ]
         out = torch.cat(blocks)
