@@ -8,6 +8,13 @@ MoE/dense is what routing costs: the router matmul, top-k, the argsort, the gath
 the weighting and the index_add scatter, and E smaller matmuls instead of one big one.
 ``--profile`` breaks each MoE point's time down by op kind (torch.profiler, self CPU time).
 
+Also times the expert matmuls alone (``expert_matmuls``): the six matmuls of the two expert
+linears' forward + backward as E blocks of N·k/E rows, on all threads (one block after
+another, as the loop does) and on one thread. ``spread`` = (one-thread time / T) / dense
+time: the ratio those matmuls would reach with whole experts spread over the T threads at
+the one-thread rate. Where it is near 1 and the layer's ratio is not, the loss is in how
+the small products are scheduled over threads, not in the BLAS kernels.
+
 Also measures tokens/s of every router class in ``moe_exp.moe.gates`` at E=16 (found by
 introspection; a class whose constructor does not take (in_features, num_experts[, k]) is
 skipped, and listed as such).
@@ -151,6 +158,68 @@ def layer_grid(cfg: dict, repeats: int, warmup: int, profile: bool) -> list[dict
     return rows
 
 
+def six_matmuls(x: Tensor, w1: Tensor, w2: Tensor, rows: int) -> None:
+    """Forward + backward matmuls of x → w1 → w2 (no bias, no activation) in blocks of
+    ``rows``: out, input gradient and weight gradient of each linear, expert e on block e."""
+    blocks = x.shape[0] // rows
+    for e in range(blocks):
+        xe = x[e * rows : (e + 1) * rows]
+        h = xe @ w1[e % w1.shape[0]]
+        y = h @ w2[e % w2.shape[0]]
+        h.t() @ y, y @ w2[e % w2.shape[0]].t()  # w2's weight and input gradients
+        xe.t() @ h, h @ w1[e % w1.shape[0]].t()  # w1's weight and input gradients
+
+
+def matmul_seconds(
+    x: Tensor, w1: Tensor, w2: Tensor, rows: int, repeats: int, warmup: int
+) -> float:
+    """Median seconds of :func:`six_matmuls`."""
+    times = interleaved({"matmuls": lambda: six_matmuls(x, w1, w2, rows)}, repeats, warmup)
+    return statistics.median(times["matmuls"])
+
+
+def expert_matmuls(cfg: dict, repeats: int, warmup: int) -> list[dict]:
+    """Per (E, k): the expert matmuls' rate on all threads and on one, and ``spread``.
+
+    ``spread`` = (one-thread expert time / threads) / dense time (see the module docstring);
+    ``parallel_gflops`` is what the BLAS gets from all threads on the blocks one by one.
+    """
+    d, hidden, n = cfg["d"], cfg["hidden"], cfg["tokens"]
+    threads = torch.get_num_threads()
+    rows = []
+    for k in cfg["ks"]:
+        x = torch.randn(n * k, d)
+        dense1, dense2 = torch.randn(1, d, k * hidden), torch.randn(1, k * hidden, d)
+        flops = 6 * 2 * n * d * k * hidden
+        dense_s = matmul_seconds(x[:n], dense1, dense2, n, repeats, warmup)
+        for e in cfg["experts"]:
+            w1, w2 = torch.randn(e, d, hidden), torch.randn(e, hidden, d)
+            block = n * k // e
+            parallel_s = matmul_seconds(x, w1, w2, block, repeats, warmup)
+            torch.set_num_threads(1)
+            try:
+                single_s = matmul_seconds(x, w1, w2, block, repeats, warmup)
+            finally:
+                torch.set_num_threads(threads)
+            row = {
+                "experts": e,
+                "k": k,
+                "rows_per_expert": block,
+                "dense_gflops": flops / dense_s / 1e9,
+                "parallel_gflops": flops / parallel_s / 1e9,
+                "single_thread_gflops": flops / single_s / 1e9,
+                "spread": single_s / threads / dense_s,
+            }
+            rows.append(row)
+            print(
+                f"  E={e:3d} k={k}  {block:5d} rows/expert  dense {row['dense_gflops']:6.1f} GF/s"
+                f"  experts {row['parallel_gflops']:6.1f} GF/s on {threads} threads,"
+                f" {row['single_thread_gflops']:6.1f} on 1  spread {row['spread']:.3f}",
+                flush=True,
+            )
+    return rows
+
+
 def router_classes() -> list[type]:
     return [
         cls
@@ -217,6 +286,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
     parser.add_argument("--profile", action="store_true", help="time by op kind per MoE point")
     parser.add_argument("--no-gates", action="store_true", help="skip the per-router throughput")
+    parser.add_argument(
+        "--no-matmuls", action="store_true", help="skip timing the expert matmuls alone"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/benchmarks/bench_layer.json")
     args = parser.parse_args()
     if args.threads:
@@ -232,15 +304,22 @@ def main() -> None:
     grid = layer_grid(cfg, repeats, args.warmup, args.profile)
     if args.profile:
         print_breakdown(grid)
+    matmuls = []
+    if not args.no_matmuls:
+        print("\nThe expert matmuls alone (expert_matmuls):", flush=True)
+        matmuls = expert_matmuls(cfg, repeats, args.warmup)
     gate_rows = []
     if not args.no_gates:
         print(f"\nRouters at E={GATE_EXPERTS}, k=2 (forward+backward of the MoE layer):")
         gate_rows = gate_throughput(cfg, repeats, args.warmup)
 
-    print("\n  E   k=1 ratio  k=2 ratio")
     by = {(r["experts"], r["k"]): r["ratio"] for r in grid}
+    spread = {(r["experts"], r["k"]): r["spread"] for r in matmuls}
+    print("\n  E   k=1 ratio  k=2 ratio" + ("  k=1 spread k=2 spread" if matmuls else ""))
     for e in cfg["experts"]:
         cells = "  ".join(f"{by[(e, k)]:9.3f}" if (e, k) in by else " " * 9 for k in (1, 2))
+        if matmuls:
+            cells += "   " + "  ".join(f"{spread.get((e, k), float('nan')):9.3f}" for k in (1, 2))
         print(f"  {e:<3d} {cells}")
     print(f"  worst ratio {max(by.values()):.3f} (goal <= 1.15)")
 
@@ -253,6 +332,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
         "layer": grid,
+        "expert_matmuls": matmuls,
         "gates": gate_rows,
     }
     args.out.write_text(json.dumps(record, indent=2))

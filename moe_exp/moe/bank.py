@@ -3,22 +3,23 @@
 The layer hands :meth:`MLPExpertBank.forward_grouped` the inputs sorted by expert and each
 expert's block size (the ``GroupedExperts`` protocol of :mod:`moe_exp.moe.layer`).
 
-Implementation choice (measured on a 2-vCPU x86 machine, one thread, d=256, hidden=512,
-4096 tokens, forward+backward): a loop over experts doing one matmul per contiguous block
-on slices of the stacked weights beat ``torch.bmm`` on zero-padded [E, max_count, d] blocks
-at every E (padding costs the scatter into and gather out of the padded buffer plus the
-padded rows' FLOPs: 1.05-1.66× a dense MLP, vs 1.0-1.44× for the loop). Wrapping the loop in
-one autograd Function per linear layer (:class:`GroupedLinear`) that writes each block into
-preallocated outputs and gradients with ``out=`` matmuls removes the per-expert autograd
-nodes, the ``cat`` of the blocks and the ``stack`` of per-expert weight gradients: another
-~5-8%. What remains at large E is the matmuls themselves: 64 blocks of 64 rows run ~15%
-slower than one block of 4096 rows on the same FLOPs.
+How the experts run (measured on a 2-vCPU x86 machine, d=256, hidden=512, 4096 tokens,
+forward+backward, ``benchmarks/bench_layer.py``): one autograd Function per linear layer
+(:class:`GroupedLinear`) writes each block into preallocated outputs and gradients with
+``out=`` products, so there are no per-expert autograd nodes, no ``cat`` of blocks and no
+``stack`` of per-expert weight gradients. On a multi-threaded CPU the experts run in pairs of
+similar row counts (:class:`ExpertLayout`), one ``bmm`` per pair (E=64, k=1: 1.78 → 1.65×
+the dense layer; no change at E ≤ 16). Padding every expert to the largest block, one
+``bmm`` in all, lost to the loop: uneven routing makes most padded rows wasted FLOPs. What
+is left at large E is the BLAS itself on blocks of few rows; the benchmark's floor table
+measures it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,31 +29,91 @@ from torch.autograd.function import once_differentiable
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
-def _blocks(counts: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(expert, start, end) of every non-empty block."""
-    out, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            out.append((e, start, start + c))
-        start += c
-    return out
+Group = tuple[tuple[int, ...], int, int]  # (experts, ascending; rows per expert; first row)
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where each expert's rows sit in the buffer the expert matmuls run on.
+
+    A group of one expert is one matmul on its block of rows. A group of two experts is one
+    ``bmm`` over both, each block padded to the larger one's rows: the BLAS spreads the two
+    products over its threads, where it splits one product of few rows poorly (on 2 threads,
+    64-row blocks reach ~105 GFLOP/s one by one but ~135 in pairs; a 4096-row block: ~170).
+    ``positions`` maps each sorted input row to its row in the padded buffer (None: the
+    buffer is the sorted input itself).
+    """
+
+    groups: list[Group]
+    rows: int
+    positions: Tensor | None = None
+
+    @staticmethod
+    def contiguous(counts: Sequence[int]) -> ExpertLayout:
+        """One expert per group, blocks in expert order: the sorted input as it is."""
+        groups, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                groups.append(((e,), c, start))
+            start += c
+        return ExpertLayout(groups, start)
+
+    @staticmethod
+    def paired(counts: Sequence[int], device: torch.device | str = "cpu") -> ExpertLayout:
+        """Experts paired with the one nearest in row count (so padding stays small)."""
+        by_count = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
+        groups, pad_start, row = [], [0] * len(counts), 0
+        for i in range(0, len(by_count), 2):
+            experts = tuple(sorted(by_count[i : i + 2]))
+            rows = max(counts[e] for e in experts)
+            for slot, e in enumerate(experts):
+                pad_start[e] = row + slot * rows
+            groups.append((experts, rows, row))
+            row += rows * len(experts)
+        counts_t = torch.tensor(counts, device=device)
+        starts = torch.cumsum(counts_t, 0) - counts_t
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(len(counts), device=device), counts_t, output_size=sum(counts)
+        )
+        shift = torch.tensor(pad_start, device=device) - starts
+        positions = torch.arange(sum(counts), device=device) + shift[expert_of_row]
+        return ExpertLayout(groups, row, positions)
+
+
+def _batch_of(t: Tensor, experts: tuple[int, ...]) -> Tensor:
+    """t[experts] as a view (batch stride = their distance), not a copy: experts ascending."""
+    if len(experts) == 1:
+        return t[experts[0]].unsqueeze(0)
+    first, last = experts[0], experts[-1]
+    stride = (last - first) * t.stride(0)
+    return t.as_strided(
+        (2, *t.shape[1:]), (stride, *t.stride()[1:]), t.storage_offset() + first * t.stride(0)
+    )
 
 
 class GroupedLinear(torch.autograd.Function):
-    """y[rows of expert e] = x[rows of expert e] · W[e] + b[e], rows sorted by expert.
+    """y[rows of expert e] = x[rows of expert e] · W[e] + b[e], rows placed by an
+    :class:`ExpertLayout`'s groups.
 
-    ``weight`` is [E, d_in, d_out], ``bias`` [E, d_out]; ``counts`` the rows per expert.
-    Differentiable once (no double backward).
+    ``weight`` is [E, d_in, d_out] and ``bias`` [E, d_out], both contiguous. Each group's
+    product is written into preallocated outputs and gradients (``out=``): no per-expert
+    autograd nodes, ``cat`` of blocks or ``stack`` of per-expert weight gradients. Padding
+    rows of the output hold bias values; their gradient must be zero (the layout's
+    ``positions`` gather guarantees it). Differentiable once (no double backward).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, counts: Sequence[int]) -> Tensor:
-        blocks = _blocks(counts)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: list[Group]) -> Tensor:
         out = x.new_empty(x.shape[0], weight.shape[2])
-        for e, s, t in blocks:
-            torch.addmm(bias[e], x[s:t], weight[e], out=out[s:t])
-        ctx.blocks = blocks
-        ctx.num_experts = weight.shape[0]
+        for experts, rows, first in groups:
+            n = rows * len(experts)
+            torch.baddbmm(
+                _batch_of(bias, experts).unsqueeze(1),
+                x[first : first + n].view(len(experts), rows, -1),
+                _batch_of(weight, experts),
+                out=out[first : first + n].view(len(experts), rows, -1),
+            )
+        ctx.groups = groups
         ctx.save_for_backward(x, weight)
         return out
 
@@ -62,35 +123,41 @@ class GroupedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
         need_x, need_w, need_b, _ = ctx.needs_input_grad
-        gx = torch.empty_like(x) if need_x else None
+        gx = torch.empty_like(x) if need_x else None  # the groups cover every row
         gw = torch.empty_like(weight) if need_w else None
         gb = grad.new_empty(weight.shape[0], weight.shape[2]) if need_b else None
-        seen = [False] * ctx.num_experts
-        for e, s, t in ctx.blocks:
-            seen[e] = True
-            g = grad[s:t]
+        for experts, rows, first in ctx.groups:
+            n, g = rows * len(experts), len(experts)
+            g_out = grad[first : first + n].view(g, rows, -1)
             if gx is not None:
-                torch.mm(g, weight[e].t(), out=gx[s:t])
+                w_t = _batch_of(weight, experts).transpose(1, 2)
+                torch.bmm(g_out, w_t, out=gx[first : first + n].view(g, rows, -1))
             if gw is not None:
-                torch.mm(x[s:t].t(), g, out=gw[e])
+                x_in = x[first : first + n].view(g, rows, -1)
+                torch.bmm(x_in.transpose(1, 2), g_out, out=_batch_of(gw, experts))
             if gb is not None:
-                torch.sum(g, 0, out=gb[e])
-        for e in (e for e, hit in enumerate(seen) if not hit):  # experts with no rows
-            if gw is not None:
-                gw[e].zero_()
-            if gb is not None:
-                gb[e].zero_()
+                torch.sum(g_out, 1, out=_batch_of(gb, experts))
+        routed = {e for experts, _, _ in ctx.groups for e in experts}
+        for e in set(range(weight.shape[0])) - routed:  # experts with no rows
+            for g in (gw, gb):
+                if g is not None:
+                    g[e].zero_()
         return gx, gw, gb, None
 
 
-def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, counts: Sequence[int]) -> Tensor:
-    """Per-expert affine maps of row blocks sorted by expert (see :class:`GroupedLinear`)."""
-    if sum(counts) != x.shape[0]:
-        raise ValueError(f"counts sum to {sum(counts)} but x has {x.shape[0]} rows")
-    if len(counts) != weight.shape[0]:
+def grouped_linear(
+    x: Tensor, weight: Tensor, bias: Tensor, counts: Sequence[int] | ExpertLayout
+) -> Tensor:
+    """Per-expert affine maps of row blocks: sorted by expert (``counts`` rows each) or placed
+    by a layout (see :class:`GroupedLinear`)."""
+    layout = counts if isinstance(counts, ExpertLayout) else ExpertLayout.contiguous(counts)
+    if layout.rows != x.shape[0]:
+        raise ValueError(f"counts sum to {layout.rows} but x has {x.shape[0]} rows")
+    if not isinstance(counts, ExpertLayout) and len(counts) != weight.shape[0]:
         raise ValueError(f"{len(counts)} counts for {weight.shape[0]} experts")
     # under autocast the input may be lower precision than the parameters: compute in its dtype
-    return GroupedLinear.apply(x, weight.to(x.dtype), bias.to(x.dtype), list(counts))
+    weight, bias = weight.to(x.dtype).contiguous(), bias.to(x.dtype).contiguous()
+    return GroupedLinear.apply(x, weight, bias, layout.groups)
 
 
 class MLPExpertBank(nn.Module):
@@ -135,8 +202,23 @@ class MLPExpertBank(nn.Module):
             nn.init.uniform_(b, -bound, bound)
 
     def forward_grouped(self, x_sorted: Tensor, counts: Sequence[int]) -> Tensor:
-        h = self.act(grouped_linear(x_sorted, self.w1, self.b1, counts))
-        return grouped_linear(self.drop(h), self.w2, self.b2, counts)
+        layout = self.layout(x_sorted, counts)
+        x_in = x_sorted
+        if layout.positions is not None:  # into the padded buffer (pads zero: finite)
+            x_in = x_sorted.new_zeros(layout.rows, x_sorted.shape[1])
+            x_in = x_in.index_copy(0, layout.positions, x_sorted)
+        h = self.act(grouped_linear(x_in, self.w1, self.b1, layout))
+        y = grouped_linear(self.drop(h), self.w2, self.b2, layout)
+        return y if layout.positions is None else y.index_select(0, layout.positions)
+
+    def layout(self, x: Tensor, counts: Sequence[int]) -> ExpertLayout:
+        """Pairs of experts on a multi-threaded CPU (see :class:`ExpertLayout`), else one
+        matmul per expert (a GPU runs them back to back at full speed)."""
+        if len(counts) != self.num_experts:
+            raise ValueError(f"{len(counts)} counts for {self.num_experts} experts")
+        if x.device.type == "cpu" and torch.get_num_threads() > 1:
+            return ExpertLayout.paired(counts, x.device)
+        return ExpertLayout.contiguous(counts)
 
     def expert_forward(self, e: int, x: Tensor) -> Tensor:
         h = self.drop(self.act(torch.addmm(self.b1[e], x, self.w1[e])))

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_exp.moe.bank import MLPExpertBank, grouped_linear
+from moe_exp.moe.bank import ExpertLayout, MLPExpertBank, grouped_linear
 from moe_exp.moe.gates import TopKGate
 from moe_exp.moe.layer import GroupedExperts, MoE, dispatch_combine
 
@@ -83,6 +83,53 @@ def test_grouped_linear_passes_gradcheck():
     torch.testing.assert_close(grouped_linear(x, w, b, [3, 0, 4]), ref)
     with pytest.raises(ValueError, match="counts sum to 6"):
         grouped_linear(x, w, b, [3, 0, 3])
+
+
+def test_paired_layout_pairs_nearest_counts_padded_to_the_larger():
+    layout = ExpertLayout.paired([3, 0, 5, 4, 1])
+    # by count: expert 2 (5 rows) with 3 (4), then 0 (3) with 4 (1); expert 1 has no rows
+    assert layout.groups == [((2, 3), 5, 0), ((0, 4), 3, 10)] and layout.rows == 16
+    expert0, expert2, expert3, expert4 = [10, 11, 12], [0, 1, 2, 3, 4], [5, 6, 7, 8], [13]
+    assert layout.positions.tolist() == expert0 + expert2 + expert3 + expert4
+
+
+def test_paired_layout_computes_what_one_matmul_per_expert_computes():
+    torch.manual_seed(4)
+    counts = [3, 0, 5, 4, 1]
+    x = torch.randn(sum(counts), 3, dtype=torch.double, requires_grad=True)
+    w = torch.randn(5, 3, 2, dtype=torch.double, requires_grad=True)
+    b = torch.randn(5, 2, dtype=torch.double, requires_grad=True)
+    layout = ExpertLayout.paired(counts)
+
+    def paired(x, w, b):
+        padded = x.new_zeros(layout.rows, 3).index_copy(0, layout.positions, x)
+        return grouped_linear(padded, w, b, layout).index_select(0, layout.positions)
+
+    assert torch.autograd.gradcheck(paired, (x, w, b))
+    torch.testing.assert_close(paired(x, w, b), grouped_linear(x, w, b, counts))
+    assert torch.autograd.grad(paired(x, w, b).sum(), w)[0][1].abs().sum() == 0  # no rows
+
+
+def test_bank_gives_the_same_on_one_thread_and_on_two():
+    """One thread: one matmul per expert; two: experts in padded pairs (ExpertLayout)."""
+    torch.manual_seed(5)
+    bank = MLPExpertBank(E, D, H, OUT)
+    x = torch.randn(N, D)
+    counts = [12, 0, 20, 9, 7]
+    threads = torch.get_num_threads()
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            kind = "paired" if bank.layout(x, counts).positions is not None else "contiguous"
+            y = bank.forward_grouped(x, counts)
+            results.append((kind, y, torch.autograd.grad(y.square().sum(), bank.w1)[0]))
+        finally:
+            torch.set_num_threads(threads)
+    (kind1, y1, g1), (kind2, y2, g2) = results
+    assert (kind1, kind2) == ("contiguous", "paired")
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(g1, g2)
 
 
 def test_bank_in_a_moe_layer_trains_and_dropout_is_train_only():
