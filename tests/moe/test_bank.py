@@ -132,6 +132,17 @@ def test_bank_gives_the_same_on_one_thread_and_on_two():
     torch.testing.assert_close(g1, g2)
 
 
+def test_bank_pairs_experts_only_when_blocks_are_small():
+    bank, x = MLPExpertBank(E, D, H, OUT), torch.randn(1, D)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert bank.layout(x, [12, 0, 20, 9, 7]).positions is not None
+        assert bank.layout(x, [600, 0, 600, 600, 600]).positions is None
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bank_in_a_moe_layer_trains_and_dropout_is_train_only():
     torch.manual_seed(3)
     layer = MoE(TopKGate(D, E, k=2), MLPExpertBank(E, D, H, D, dropout=0.5))
