@@ -17,7 +17,7 @@ from moe_exp.moe import (
     SwitchGate,
     TopKGate,
 )
-from moe_exp.moe.gates import balanced_assignment
+from moe_exp.moe.gates import balanced_assignment, sinkhorn_assignment
 
 N, D, E = 32, 8, 6
 
@@ -288,8 +288,9 @@ def test_hash_routing_is_a_fixed_seeded_projection_of_the_centred_input():
 # --- BASE -----------------------------------------------------------------------------------
 
 
-def test_base_training_gives_every_expert_exactly_n_over_e_inputs():
-    gate = BASEGate(D, 4).train()
+@pytest.mark.parametrize("assignment", ["sinkhorn", "exact"])
+def test_base_training_gives_every_expert_exactly_n_over_e_inputs(assignment):
+    gate = BASEGate(D, 4, assignment=assignment).train()
     torch.nn.init.normal_(gate.proj.weight, std=3.0)  # skewed scores: greedy would not balance
     r = gate(torch.randn(32, D))
     assert r.load().tolist() == [8.0] * 4
@@ -305,6 +306,23 @@ def test_base_assignment_is_the_best_balanced_one():
         key=lambda a: sum(float(scores[i, e]) for i, e in enumerate(a)),
     )  # (1, 0, 0, 1): input 0 yields expert 0 to inputs 1 and 2
     assert tuple(balanced_assignment(scores).tolist()) == best == (1, 0, 0, 1)
+
+
+def test_sinkhorn_assignment_caps_every_expert_and_comes_within_1pc_of_the_best():
+    torch.manual_seed(0)
+    scores = 2 * torch.randn(300, 7)  # 7 does not divide 300: at most 43 per expert
+    experts = sinkhorn_assignment(scores)
+    assert (experts >= 0).all() and torch.bincount(experts, minlength=7).max() == 43
+    total = scores.gather(1, experts[:, None]).sum()
+    best = scores.gather(1, balanced_assignment(scores)[:, None]).sum()
+    assert 0.99 * best <= total <= best
+    hand = torch.tensor([[5.0, 4.0], [4.0, 0.0], [3.0, 1.0], [0.0, 2.0]])
+    assert tuple(sinkhorn_assignment(hand).tolist()) == (1, 0, 0, 1)  # as the exact one
+
+
+def test_base_rejects_an_unknown_assignment_naming_the_choices():
+    with pytest.raises(ValueError, match="assignment='auction' is not one of sinkhorn, exact"):
+        BASEGate(D, E, assignment="auction")
 
 
 def test_base_evaluation_is_greedy_top1():
