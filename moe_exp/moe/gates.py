@@ -416,9 +416,8 @@ def sinkhorn_assignment(scores: Tensor, iterations: int = 20) -> Tensor:
         order = order[torch.argsort(choice[order], stable=True)]  # by expert, best first
         chosen = choice[order]
         counts = torch.bincount(chosen, minlength=e)
-        rank = (
-            torch.arange(chosen.numel(), device=scores.device) - (counts.cumsum(0) - counts)[chosen]
-        )
+        first = counts.cumsum(0) - counts  # each expert's first place in ``chosen``
+        rank = torch.arange(chosen.numel(), device=scores.device) - first[chosen]
         accept = rank < (capacity - taken)[chosen]
         experts[waiting[order[accept]]] = chosen[accept]
         taken += torch.bincount(chosen[accept], minlength=e)
