@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from moe_exp.moe.routing import Routing
@@ -56,8 +57,9 @@ def z_loss(routing: Routing) -> Tensor:
     return routing.logits.float().logsumexp(-1).square().mean()
 
 
-def _entropy(p: Tensor) -> Tensor:
-    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+def entropy(p: Tensor) -> Tensor:
+    """Shannon entropy (nats) of distributions along the last dim; 0·log 0 counts as 0."""
+    return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)
 
 
 def load_entropy_loss(routing: Routing) -> Tensor:
@@ -71,7 +73,7 @@ def load_entropy_loss(routing: Routing) -> Tensor:
     e = routing.num_experts
     if e <= 1:
         return routing.probs.new_zeros(())
-    return -_entropy(routing.probs.float().mean(0)) / math.log(e)
+    return -entropy(routing.probs.float().mean(0)) / math.log(e)
 
 
 def gate_entropy_loss(routing: Routing) -> Tensor:
@@ -80,7 +82,7 @@ def gate_entropy_loss(routing: Routing) -> Tensor:
     e = routing.num_experts
     if e <= 1:
         return routing.probs.new_zeros(())
-    return _entropy(routing.probs.float()).mean() / math.log(e)
+    return entropy(routing.probs.float()).mean() / math.log(e)
 
 
 class Regularizer(nn.Module):

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from moe_exp.moe.experts import check_dropout
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PAIR_BELOW_ROWS = 512  # mean rows per routed expert under which experts run in pairs
 
@@ -184,13 +186,11 @@ class MLPExpertBank(nn.Module):
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not one of {', '.join(ACTIVATIONS)}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.num_experts = num_experts
         self.d_in, self.d_hidden, self.d_out = d_in, d_hidden, d_out
         self.activation = activation
         self.act = ACTIVATIONS[activation]
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(check_dropout(dropout))
         self.w1 = nn.Parameter(torch.empty(num_experts, d_in, d_hidden))
         self.b1 = nn.Parameter(torch.empty(num_experts, d_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_out))

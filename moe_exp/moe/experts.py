@@ -25,7 +25,7 @@ from moe_exp.moe.balance import Regularizer
 from moe_exp.moe.routing import Routing
 
 
-def _check_dropout(p: float) -> float:
+def check_dropout(p: float) -> float:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
     return float(p)
@@ -50,7 +50,7 @@ class LinearExpert(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
-            nn.Dropout(_check_dropout(dropout)),
+            nn.Dropout(check_dropout(dropout)),
             nn.Linear(math.prod(in_shape), num_outputs),
         )
 
@@ -71,7 +71,7 @@ class MLPExpert(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        dropout = _check_dropout(dropout)
+        dropout = check_dropout(dropout)
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(in_shape)
         for _ in range(depth):
@@ -129,7 +129,7 @@ class CNNExpert(_PooledConvExpert):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        dropout = _check_dropout(dropout)
+        dropout = check_dropout(dropout)
         self.image_shape = _image_shape(in_shape)
         channels = self.image_shape[0]
         widths = (width, 2 * width, 2 * width)
@@ -188,7 +188,7 @@ class ResNetExpert(_PooledConvExpert):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        dropout = _check_dropout(dropout)
+        dropout = check_dropout(dropout)
         if not blocks or any(b < 1 for b in blocks):
             raise ValueError(f"blocks must be a non-empty list of counts >= 1, got {blocks}")
         self.image_shape = _image_shape(in_shape)
@@ -242,7 +242,7 @@ class SoftTreeExpert(nn.Module):
             raise ValueError(f"tree beta (inverse temperature) must be > 0, got {beta}")
         self.depth = depth
         self.beta = float(beta)
-        self.drop = nn.Dropout(_check_dropout(dropout))
+        self.drop = nn.Dropout(check_dropout(dropout))
         self.inner = nn.Linear(math.prod(in_shape), 2**depth - 1)
         self.leaf_logits = nn.Parameter(0.01 * torch.randn(2**depth, num_outputs))
         # 2^-d(i) for the inner nodes in breadth-first order

@@ -215,10 +215,7 @@ class ExpertChoiceGate(Router):
     """
 
     def __init__(self, in_features: int, num_experts: int, capacity_factor: float = 2.0) -> None:
-        super().__init__(in_features, num_experts, 1)
-        if capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-        self.capacity_factor = capacity_factor
+        super().__init__(in_features, num_experts, 1, capacity_factor)
         self.k = capacity_factor
 
     def forward(self, h: Tensor) -> Routing:
@@ -384,7 +381,7 @@ def balanced_assignment(scores: Tensor) -> Tensor:
     from scipy.optimize import linear_sum_assignment  # lazy: only BASE training needs scipy
 
     n, e = scores.shape
-    per_expert = math.ceil(n / e)
+    per_expert = expert_capacity(1.0, 1, n, e)  # ceil(N/E)
     repeated = scores.double().cpu().repeat_interleave(per_expert, dim=1)  # [N, E·N/E]
     rows, cols = linear_sum_assignment(repeated.numpy(), maximize=True)
     experts = torch.empty(n, dtype=torch.long)
@@ -402,7 +399,7 @@ def sinkhorn_assignment(scores: Tensor, iterations: int = 20) -> Tensor:
     cap holds exactly. O(N·E) per iteration (20 reach a fixed point on random scores).
     """
     n, e = scores.shape
-    capacity = math.ceil(n / e)
+    capacity = expert_capacity(1.0, 1, n, e)  # ceil(N/E)
     plan = scores.detach().float()
     for _ in range(iterations):  # in log space; the column target N/E is a constant shift
         plan = plan - plan.logsumexp(1, keepdim=True)
@@ -436,8 +433,8 @@ class BiasBalancedGate(Router):
     Experts are chosen by top-k of (score + b), with score = σ(logits) (or softmax), and
     combined with the unbiased scores normalised over the chosen k. The bias b is a buffer,
     not trained by gradient: after each training forward it moves by
-    γ · sign(mean load − load_i) (γ = ``bias_update_rate``, paper 0.001), counting the
-    choices before any capacity drop. ``update_in_forward=False`` leaves that to an explicit
+    γ · sign(mean load − load_i) (γ = ``bias_update_rate``, paper 0.001), with the routing
+    record's load (after any capacity drop). ``update_in_forward=False`` leaves that to an explicit
     :meth:`update_bias` call (e.g. once per optimizer step with gradient accumulation). The
     bias never changes in evaluation. Under DDP the loads are summed over ranks first.
     """
@@ -471,17 +468,16 @@ class BiasBalancedGate(Router):
         indices = (scores.detach() + self.bias).topk(self.k, dim=-1).indices
         chosen = scores.gather(1, indices)
         weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-9)
+        routing = self._route(logits, probs, weights, indices)
         if self.training and self.update_in_forward:
-            self._update(torch.bincount(indices.reshape(-1), minlength=self.num_experts))
-        return self._route(logits, probs, weights, indices)
-
-    def update_bias(self, routing: Routing) -> None:
-        """b_i += γ · sign(mean load − load_i), from the record's (post-capacity) load."""
-        self._update(routing.load())
+            self.update_bias(routing)
+        return routing
 
     @torch.no_grad()
-    def _update(self, load: Tensor) -> None:
-        load = load.to(self.bias.dtype)
+    def update_bias(self, routing: Routing) -> None:
+        """b_i += γ · sign(mean load − load_i), from the record's load (after any capacity
+        drop, the same in forward and in an explicit call)."""
+        load = routing.load().to(self.bias.dtype)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)
         self.bias += self.bias_update_rate * torch.sign(load.mean() - load)

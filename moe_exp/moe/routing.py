@@ -69,9 +69,10 @@ class Routing:
         Soft MoE assigns no input outright: its load is the combine mass per expert.
         """
         if self.is_soft:
-            return self.gates().sum(0).to(self.logits.dtype)
+            return self.importance().float()
         idx = self.indices[self.indices >= 0]
-        return torch.bincount(idx, minlength=self.num_experts).to(self.logits.dtype)
+        # float32, not the logits' dtype: bf16 rounds counts above 256
+        return torch.bincount(idx, minlength=self.num_experts).float()
 
     def load_fraction(self) -> Tensor:
         load = self.load()

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from moe_exp.moe.balance import entropy
 from moe_exp.moe.routing import Routing
 
 
@@ -31,16 +32,9 @@ def normalized_entropy(load: Tensor) -> float:
     return 1.0 if e <= 1 else float(_entropy(load.double()) / math.log(e))
 
 
-def max_violation(load: Tensor) -> float:
-    """MaxVio = (max load − mean load) / mean load (Wang et al. 2024, loss-free balancing)."""
-    load = load.double()
-    mean = float(load.mean())
-    return (float(load.max()) - mean) / mean if mean > 0 else 0.0
-
-
-def _entropy(p: Tensor) -> Tensor:
-    p = p / p.sum().clamp_min(1e-300)
-    return -(p * p.clamp_min(1e-300).log()).sum()
+def _entropy(counts: Tensor) -> Tensor:
+    """Entropy of a 1-D table of counts or masses, normalised to a distribution first."""
+    return entropy(counts / counts.sum().clamp_min(torch.finfo(counts.dtype).tiny))
 
 
 def normalized_mutual_information(joint: Tensor) -> float:
@@ -63,8 +57,7 @@ def normalized_mutual_information(joint: Tensor) -> float:
 def gate_entropy(probs: Tensor) -> Tensor:
     """Per-input entropy of the router distribution over experts, normalised by log(E)."""
     e = probs.shape[-1]
-    p = probs.double().clamp_min(1e-300)
-    h = -(p * p.log()).sum(-1)
+    h = entropy(probs.double())
     return h / math.log(e) if e > 1 else torch.zeros_like(h)
 
 
@@ -87,11 +80,13 @@ def balance_metrics(
     """
     fraction = load.double() / load.double().sum().clamp_min(1e-12)
     mean = float(fraction.mean())
+    max_over_mean = float(fraction.max()) / mean if mean > 0 else 0.0
     return {
         "cv_load": coefficient_of_variation(load),
         "cv_importance": coefficient_of_variation(importance),
-        "max_mean_load": float(fraction.max()) / mean if mean > 0 else 0.0,
-        "max_vio": max_violation(load),
+        "max_mean_load": max_over_mean,
+        # MaxVio = (max load − mean load) / mean load (Wang et al. 2024, loss-free balancing)
+        "max_vio": max_over_mean - 1.0 if mean > 0 else 0.0,
         "load_entropy": normalized_entropy(load),
         "dead_experts": float((fraction < dead_threshold * mean).sum()),
     }

@@ -63,3 +63,13 @@ def test_routing_counts_experts_per_input_and_soft_load():
     torch.testing.assert_close(soft.load(), torch.tensor([0.7 + 0.2, 0.3 + 0.8]))
     torch.testing.assert_close(soft.load_fraction().sum(), torch.tensor(1.0))
     assert math.isclose(float(soft.importance()[0]), 0.9, rel_tol=1e-6)
+
+
+def test_load_counts_exactly_under_low_precision_logits():
+    """bf16 has 8 significant bits: 447 assignments must not read as 448."""
+    indices = torch.cat([torch.zeros(447), torch.ones(554)]).long().unsqueeze(1)
+    logits = torch.zeros(1001, 2, dtype=torch.bfloat16)
+    r = Routing(
+        logits=logits, probs=logits.softmax(-1), weights=torch.ones(1001, 1), indices=indices
+    )
+    assert r.load().tolist() == [447.0, 554.0]

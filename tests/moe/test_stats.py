@@ -7,7 +7,6 @@ from moe_exp.moe.stats import (
     coefficient_of_variation,
     gate_entropy,
     linear_cka,
-    max_violation,
     normalized_entropy,
     normalized_mutual_information,
 )
@@ -38,7 +37,7 @@ def test_extremes():
     assert normalized_entropy(torch.ones(8)) == 1.0
     assert normalized_entropy(torch.tensor([5.0, 0, 0])) == 0.0
     assert coefficient_of_variation(torch.tensor([3.0])) == 0.0
-    assert max_violation(torch.ones(4)) == 0.0
+    assert balance_metrics(torch.ones(4), torch.ones(4))["max_vio"] == 0.0
 
 
 def test_nmi_perfect_specialisation_is_one_and_random_is_near_zero():
