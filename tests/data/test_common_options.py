@@ -68,9 +68,10 @@ def test_label_noise_touches_only_training_labels_and_keeps_the_truth():
         assert torch.equal(noisy.splits[name].labels, clean.splits[name].labels)
         assert torch.equal(noisy.splits[name].latents[:, 0].long(), clean.splits[name].labels)
     assert noisy.latent_spec() == {"clean_label": (0, 10)}
-    # the batches carry the clean label as a latent column
-    _, y, latents = next(iter(noisy.train_dataloader()))
-    assert latents.shape == (len(y), 1)
+    # the batches carry the clean label as a latent column: over an epoch, 200 differ from y
+    batches = list(noisy.train_dataloader())
+    assert all(latents.shape == (len(y), 1) for _, y, latents in batches)
+    assert sum(int((latents[:, 0].long() != y).sum()) for _, y, latents in batches) == 200
 
 
 def test_label_noise_on_shapes_appends_a_column():
@@ -126,8 +127,10 @@ def test_test_split_is_fixed_across_run_seeds_and_val_follows_the_seed():
 
 def test_augment_runs_on_training_batches_only():
     dm = fake(augment="flip_crop", n_train=64, batch_size=64)
-    x, _, _ = next(iter(dm.train_dataloader()))
-    assert not torch.equal(x, dm.splits["train"].images[: len(x)])  # a shuffled, augmented view
+    plain = fake(n_train=64, batch_size=64)  # the same seed: the same shuffled order
+    x, y, _ = next(iter(dm.train_dataloader()))
+    x_plain, y_plain = next(iter(plain.train_dataloader()))[:2]
+    assert torch.equal(y, y_plain) and not torch.equal(x, x_plain)  # augmented, not reordered
     xv, _, _ = next(iter(dm.val_dataloader()))
     assert torch.equal(xv, dm.splits["val"].images)
 
