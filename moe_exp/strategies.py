@@ -82,7 +82,7 @@ from torch import Tensor, nn
 from moe_exp.errors import ConfigError
 from moe_exp.lit import make_schedule, router_parameters
 from moe_exp.moe import Routing
-from moe_exp.moe.layer import dispatch_combine
+from moe_exp.moe.layer import dispatch_combine, sort_by_expert
 
 log = logging.getLogger("moe_exp")
 
@@ -94,8 +94,6 @@ GATE_TARGETS = ("hard", "soft")
 
 class JointStrategy:
     """Gate and experts trained together, end to end."""
-
-    name = "joint"
 
     def fit(
         self,
@@ -155,11 +153,7 @@ def em_posteriors(gate_log_probs: Tensor, expert_log_lik: Tensor) -> Tensor:
 
 def _record_chosen(routing: Routing, z: Tensor) -> None:
     """Per-expert predictions for the chosen (kept) assignments, as the MoE layer records."""
-    n, k = routing.indices.shape
-    rows = torch.arange(n, device=z.device).repeat_interleave(k)
-    ids = routing.indices.reshape(-1)
-    keep = ids >= 0
-    rows, ids = rows[keep], ids[keep]
+    rows, ids, _, _ = sort_by_expert(routing, routing.num_experts)
     routing.expert_predictions = (rows, ids, z[rows, ids].argmax(-1))
 
 
@@ -504,7 +498,7 @@ class _Plan(L.Callback):
 class HierarchicalStrategy(_Plan):
     """Staged training: experts on their partition → gate towards the best expert → all."""
 
-    strategy = name = "hierarchical"
+    strategy = "hierarchical"
 
     def __init__(
         self,
@@ -588,7 +582,7 @@ class HierarchicalStrategy(_Plan):
             nll = -F.log_softmax(z, -1).gather(-1, y[:, None, None].expand(-1, z.shape[1], 1))
             target = self.gate_targets(nll.squeeze(-1))
         routing = model.moe.router(model.gate_encoder(x))
-        loss = -(target * F.log_softmax(routing.logits, -1)).sum(-1).mean()
+        loss = -(target * routing.log_probs()).sum(-1).mean()
         with torch.no_grad():
             log_probs = mixture_log_probs(model, z, routing.gates(), x)
         _record_chosen(routing, z)
@@ -606,7 +600,7 @@ class EMStrategy(_Plan):
     (``em_gate``) M-steps, starting with the experts, each side with its own optimiser and
     the other side frozen."""
 
-    strategy = name = "em"
+    strategy = "em"
     use_router_lr = True
     stage_checkpoints = False
 
@@ -617,7 +611,7 @@ class EMStrategy(_Plan):
         lr: float | None = None,
         schedule: str = "batch",
     ) -> None:
-        self.em_steps = self.steps_per_batch = em_steps
+        self.steps_per_batch = em_steps
         self._epochs, self._lr, self.schedule = epochs, lr, schedule
         super().__init__([])
 
@@ -642,7 +636,7 @@ class EMStrategy(_Plan):
         x, y, _ = batch
         model = self.model
         routing = model.moe.router(model.gate_encoder(x))
-        log_g = F.log_softmax(routing.logits, -1)  # = log Routing.probs, all experts
+        log_g = routing.log_probs()  # all experts
         z = expert_logits(model, x)
         log_lik = F.log_softmax(z, -1).gather(-1, y[:, None, None].expand(-1, z.shape[1], 1))
         log_lik = log_lik.squeeze(-1)  # [N, E] log p_i(y|x)
@@ -658,7 +652,7 @@ class EMStrategy(_Plan):
         self.set_modes(module)
         side = self.stages[self.current].train
         h = None
-        for _ in range(self.em_steps):
+        for _ in range(self.steps_per_batch):
             routing, z, log_g, h, expert_loss, gate_loss = self.losses(batch, h)
             loss = {"all": expert_loss + gate_loss, "experts": expert_loss, "gate": gate_loss}
             loss = loss[side]

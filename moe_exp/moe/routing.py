@@ -56,6 +56,14 @@ class Routing:
     def is_soft(self) -> bool:
         return self.dispatch is not None
 
+    def log_probs(self) -> Tensor:
+        """log ``probs``: the router's distribution over all experts, for losses on it.
+
+        Not ``log_softmax(logits)``: a hierarchical gate's probs are group × within-group
+        softmaxes, which no single softmax of its logits gives.
+        """
+        return self.probs.clamp_min(torch.finfo(self.probs.dtype).tiny).log()
+
     def gates(self) -> Tensor:
         """Dense [N, E] combine weights (zero for experts not chosen)."""
         n, e = self.logits.shape

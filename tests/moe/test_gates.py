@@ -412,3 +412,11 @@ def test_top_1_with_renormalised_weights_warns_and_the_task_gives_the_router_no_
     routing = switch(torch.randn(16, 8))
     (routing.weights * torch.randn(16, 1)).sum().backward()
     assert switch.proj.weight.grad.abs().sum() > 0
+
+
+def test_hierarchical_log_probs_are_its_two_level_probs_not_a_softmax_of_logits():
+    """Losses on the router's distribution (EM, staged gate training) read log_probs()."""
+    torch.manual_seed(7)
+    r = HierarchicalGate(D, 4, k=2, num_groups=2, k_group=2)(torch.randn(N, D))
+    torch.testing.assert_close(r.log_probs().exp(), r.probs)
+    assert not torch.allclose(r.log_probs(), r.logits.log_softmax(-1), atol=1e-3)
