@@ -40,7 +40,7 @@ class Results:
         self.groups = list(groups)
 
     def values(self, key: str) -> list[str]:
-        return sorted({g.params[key] for g in self.groups if key in g.params}, key=_numeric)
+        return sorted({g.params[key] for g in self.groups if key in g.params}, key=value_order)
 
     def mean(self, metric: str, **where: str) -> float:
         """Mean of ``metric`` over the completed runs of every group matching ``where``.
@@ -59,7 +59,8 @@ class Results:
         return sum(m * n for m, _, n in stats if n) / total
 
 
-def _numeric(value: str) -> tuple[int, float | str]:
+def value_order(value: str) -> tuple[int, float | str]:
+    """Sort key for parameter values: numbers ascending, then anything else by name."""
     try:
         return (0, float(value))
     except ValueError:

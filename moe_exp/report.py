@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_exp.ablations import value_order
+
 METRICS = (
     "test/acc",
     "val/acc",
@@ -180,10 +182,11 @@ def build_report(
     groups = group_runs(runs, swept)
     verdicts = _verdicts(spec, groups) if spec else []
     header = [*swept, *metrics, "n", "status"]
+    stats = [{m: g.stats(m) for m in metrics} for g in groups]
     rows = []
-    for g in groups:
+    for g, by_metric in zip(groups, stats, strict=True):
         cells = [g.params[k] for k in swept]
-        cells += [_fmt(*g.stats(m)) for m in metrics]
+        cells += [_fmt(*by_metric[m]) for m in metrics]
         cells += [str(len(g.completed)), g.status()]
         rows.append(cells)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,8 +200,8 @@ def build_report(
         writer.writerow(
             [*swept, *(f"{m} {s}" for m in metrics for s in ("mean", "std")), "n", "status"]
         )
-        for g in groups:
-            values = [v for m in metrics for v in g.stats(m)[:2]]
+        for g, by_metric in zip(groups, stats, strict=True):
+            values = [v for m in metrics for v in by_metric[m][:2]]
             writer.writerow([*(g.params[k] for k in swept), *values, len(g.completed), g.status()])
     with (out_dir / "runs.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -272,28 +275,18 @@ def _plots(groups: list[Group], swept: list[str], metrics: Sequence[str], out: P
 
     paths = []
     for parameter in swept:
+        by_value: dict[str, Group] = defaultdict(lambda: Group({}))
+        for g in groups:
+            by_value[g.params[parameter]].runs += g.runs
         for metric in metrics:
-            by_value: dict[str, list[float]] = defaultdict(list)
-            for g in groups:
-                by_value[g.params[parameter]] += [
-                    v for r in g.completed if (v := r.metric(metric)) is not None
-                ]
-            xs = [x for x in _axis_order(by_value) if by_value[x]]
+            stats = {x: by_value[x].stats(metric) for x in sorted(by_value, key=value_order)}
+            xs = [x for x, (_, _, n) in stats.items() if n]
             if not xs:
                 continue
-            means = [statistics.fmean(by_value[x]) for x in xs]
-            stds = [statistics.stdev(by_value[x]) if len(by_value[x]) > 1 else 0.0 for x in xs]
+            means, stds = [stats[x][0] for x in xs], [stats[x][1] for x in xs]
             name = f"{metric.replace('/', '_')}_vs_{parameter.replace('/', '_')}.png"
             paths.append(metric_vs_parameter(xs, means, stds, metric, parameter, out / name))
     return paths
-
-
-def _axis_order(values: dict[str, Any]) -> list[str]:
-    """Numbers ascending; anything else (gate names, lists of weights) in sweep order."""
-    try:
-        return sorted(values, key=float)
-    except ValueError:
-        return list(values)
 
 
 def print_table(table: dict[str, Any], title: str) -> None:

@@ -64,3 +64,9 @@ def test_failed_and_unfinished_runs_are_shown_never_averaged(quick_sweep, tmp_pa
 def test_only_differing_overrides_become_columns(quick_sweep):
     runs = find_runs([quick_sweep])
     assert swept_parameters(runs) == ["gate"]  # seed is aggregated, experiment=quick is fixed
+
+
+def test_plot_axes_put_numbers_in_order_and_other_values_after():
+    from moe_exp.ablations import value_order
+
+    assert sorted(["8", "default", "2", "16"], key=value_order) == ["2", "8", "16", "default"]

@@ -253,7 +253,6 @@ class ShapesDataModule(InMemoryDataModule):
         if target not in TARGETS:
             raise ConfigError(f"data.target={target!r} is not one of {', '.join(TARGETS)}")
         self.target = target
-        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.options = dict(
             image_size=image_size,
             num_shapes=num_shapes,
@@ -292,7 +291,7 @@ class ShapesDataModule(InMemoryDataModule):
 
     def build_splits(self) -> dict[str, Split]:
         splits = {}
-        for i, (name, n) in enumerate(self.sizes.items()):
+        for i, (name, n) in enumerate(self.caps.items()):
             sample = generate_shapes(n, seed=self.seed * 1009 + i, **self.options)
             splits[name] = Split(sample.images, self.label(sample), sample.latents())
         return splits

@@ -38,7 +38,7 @@ def apportion(counts: Tensor, total: int) -> Tensor:
         remainder = exact - quota
         # stable sort on -remainder: equal remainders keep class order
         quota[torch.argsort(-remainder, stable=True)[:left]] += 1
-    return torch.minimum(quota, counts)
+    return quota  # largest remainder never exceeds a class count
 
 
 def stratified_take(labels: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

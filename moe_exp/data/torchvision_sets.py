@@ -242,7 +242,6 @@ class FakeDataModule(InMemoryDataModule):
                 f"data.image_size={image_size} must be >= 1 and "
                 f"data.num_classes={num_classes} must be >= 2"
             )
-        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.image_shape = (channels, image_size, image_size)
         self._num_classes = num_classes
 
@@ -255,7 +254,7 @@ class FakeDataModule(InMemoryDataModule):
         from torchvision.transforms.v2.functional import pil_to_tensor
 
         splits = {}
-        for i, (name, n) in enumerate(self.sizes.items()):
+        for i, (name, n) in enumerate(self.caps.items()):
             # FakeData seeds image j with j + random_offset: keep the splits' ranges apart
             offset = (self.seed * 3 + i) * 10_000_000
             ds = FakeData(n, self.image_shape, self._num_classes, random_offset=offset)
