@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moe_exp.build import build_components
-from moe_exp.checkpoints import check_fits, load_checkpoint
 from moe_exp.config import build, validate
 from moe_exp.errors import ConfigError, DivergedError, MoeExpError
 from moe_exp.loggers import close_wandb
@@ -41,10 +40,13 @@ class Interrupted(Exception):
 
 
 def global_rank() -> int:
-    """This process's rank in a distributed run (0 otherwise), from the launchers' variables."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    return int(getattr(rank_zero_only, "rank", 0) or 0)
+    """This process's rank in a distributed run (0 otherwise), from the launchers' variables,
+    read in Lightning's order (its ``rank_zero_only.rank``) without importing Lightning, so a
+    configuration error fails in a fraction of a second."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if (rank := os.environ.get(key)) is not None:
+            return int(rank)
+    return 0
 
 
 def run(
@@ -99,14 +101,17 @@ def run(
 def _as_interruption(err: BaseException, run_dir: Path) -> Interrupted | None:
     """A signal that stopped the run, as an Interrupted (None for real errors). Outside
     training (evaluation) Lightning raises SIGTERMException / exits on KeyboardInterrupt."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     if isinstance(err, Interrupted):
         return err
     sigint = isinstance(err, KeyboardInterrupt) or (
         isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt)
     )
-    if not (sigint or isinstance(err, SIGTERMException)):
+    sigterm = False
+    if "lightning.pytorch" in sys.modules:  # else no SIGTERMException can have been raised
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        sigterm = isinstance(err, SIGTERMException)
+    if not (sigint or sigterm):
         return None
     name = "SIGINT" if sigint else "SIGTERM"
     return Interrupted(
@@ -221,17 +226,21 @@ def make_trainer(
     )
 
 
-@torch.no_grad()
 def eval_accuracy(module: Any, split: Any, batch_size: int = 1024) -> float:
     """Accuracy over a whole split in eval mode (no dropout, no noise, no augmentation): the
     training accuracy a generalisation gap should use; the epoch's running train/acc is
     taken with dropout on and while the weights move."""
+    import torch
+
     was_training = module.model.training
     module.model.eval()
-    correct = sum(
-        int((module.model(x.to(module.device))[0].argmax(-1).cpu() == y).sum())
-        for x, y in zip(split.images.split(batch_size), split.labels.split(batch_size), strict=True)
-    )
+    with torch.no_grad():
+        correct = sum(
+            int((module.model(x.to(module.device))[0].argmax(-1).cpu() == y).sum())
+            for x, y in zip(
+                split.images.split(batch_size), split.labels.split(batch_size), strict=True
+            )
+        )
     module.model.train(was_training)
     return correct / max(len(split), 1)
 
@@ -281,8 +290,11 @@ def _train_and_test(
     cfg: DictConfig, run_dir: Path, record: RunRecord, resume: bool = False
 ) -> dict[str, Any]:
     import lightning as L
+    import torch
 
+    from moe_exp.build import build_components
     from moe_exp.callbacks import CollapseAlarm
+    from moe_exp.checkpoints import check_fits, load_checkpoint
     from moe_exp.loggers import log_to_wandb
 
     _quiet_lightning()
