@@ -28,6 +28,8 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from moe_exp.config import override_key
+
 RESUME_KEY = "resume"
 _PLAIN_PATH = re.compile(r"^[\w/.\-~:]+$")
 
@@ -52,7 +54,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 # -- resume -----------------------------------------------------------------------------------
 def is_resume_override(override: str) -> bool:
-    return override.lstrip("+~").split("=", 1)[0] == RESUME_KEY
+    return override_key(override) == RESUME_KEY
 
 
 def _quote(value: str) -> str:

@@ -309,9 +309,14 @@ def _targets(node: Any) -> set[str]:
     return found
 
 
+def override_key(override: str) -> str:
+    """The key an override sets: ``+a.b=1`` → ``a.b``, ``~x`` → ``x``."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def _explicit(overrides: Sequence[str], key: str) -> bool:
     """Whether the command line (or the sweep) set ``key`` itself."""
-    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+    return any(override_key(o) == key for o in overrides)
 
 
 def _cross_field_problems(cfg: DictConfig, top: dict[str, Any], overrides: Sequence[str]) -> list:

@@ -8,6 +8,8 @@ every input, i.e. E / k_eff times that share (k_eff = assignments per routed inp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,14 +18,23 @@ from moe_exp.moe import MoE
 
 
 @torch.no_grad()
-def flops_per_sample(model: nn.Module, x: Tensor) -> dict[str, float]:
-    """Forward FLOPs per input: ``flops_active`` (measured) and ``flops_dense_equal_params``."""
+def count_flops(model: nn.Module, x: Tensor) -> tuple[FlopCounterMode, Any]:
+    """One forward pass of ``model`` on ``x`` in eval mode under a FLOP counter: (counter,
+    output). The training mode is restored afterwards."""
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
-    with counter:
-        _, routings = model(x)
-    model.train(was_training)
+    try:
+        with counter:
+            out = model(x)
+    finally:
+        model.train(was_training)
+    return counter, out
+
+
+def flops_per_sample(model: nn.Module, x: Tensor) -> dict[str, float]:
+    """Forward FLOPs per input: ``flops_active`` (measured) and ``flops_dense_equal_params``."""
+    counter, (_, routings) = count_flops(model, x)
     by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     root = type(model).__name__
     layers = [name for name, m in model.named_modules() if isinstance(m, MoE)]

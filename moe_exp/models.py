@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_exp.cost import count_flops
 from moe_exp.moe import MoE, Regularizer, Routing
 from moe_exp.moe.bank import ACTIVATIONS, MLPExpertBank
 from moe_exp.moe.experts import build_experts, first_kind
@@ -344,17 +345,9 @@ def width_knob(factory: Callable[..., nn.Module]) -> str:
     )
 
 
-@torch.no_grad()
 def forward_flops(module: nn.Module, in_shape: Sequence[int]) -> float:
     """Forward FLOPs of ``module`` on one input (eval mode), counted as moe_exp.cost counts."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = module.training
-    module.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        module(torch.zeros(1, *in_shape))
-    module.train(was_training)
+    counter, _ = count_flops(module, torch.zeros(1, *in_shape))
     return float(counter.get_total_flops())
 
 
