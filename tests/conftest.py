@@ -35,6 +35,12 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     )
 
 
+def single_run_dir(root: Path) -> Path:
+    """The folder of the one run a test started under ``root`` (its cwd)."""
+    (summary,) = root.glob("outputs/runs/*/*/summary.json")
+    return summary.parent
+
+
 @pytest.fixture
 def cli(tmp_path):
     return lambda *args, **kw: run_cli(*args, cwd=tmp_path, **kw)

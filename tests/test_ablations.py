@@ -217,4 +217,5 @@ def test_each_preset_runs_reduced_and_reports_a_verdict(preset, tmp_path):
     table = build_report([sweep], tmp_path / "report", plots=False)
     assert table["verdicts"], "the preset's check gave no verdict"
     assert {v.label for v in table["verdicts"]} <= {"holds", "does not hold", "not checked"}
+    assert any(v.holds is not None for v in table["verdicts"]), "no claim could be checked"
     assert "## Verdicts" in (tmp_path / "report" / "report.md").read_text()

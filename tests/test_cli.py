@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICK
+from tests.conftest import QUICK, single_run_dir
 
 METRIC_KEYS = (
     "test/acc",
@@ -22,11 +22,6 @@ METRIC_KEYS = (
     "test/load_e0",
     "test/importance_e0",
 )
-
-
-def only_run_dir(root: Path) -> Path:
-    (summary,) = root.glob("outputs/runs/*/*/summary.json")
-    return summary.parent
 
 
 def test_help_lists_groups_and_options(cli, tmp_path):
@@ -49,7 +44,7 @@ def test_help_lists_groups_and_options(cli, tmp_path):
 def test_a_tiny_run_writes_a_complete_run_folder(cli, tmp_path):
     out = cli(*QUICK)
     assert out.returncode == 0, out.stderr
-    run = only_run_dir(tmp_path)
+    run = single_run_dir(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
     for key in (*METRIC_KEYS, "params_total", "params_active", "wall_time_s"):
@@ -107,7 +102,7 @@ def test_bad_input_fails_with_a_message_not_a_traceback(cli, tmp_path, args, mes
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     if args != ["gate=nope"]:  # composed: the run folder records the failure
-        summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+        summary = json.loads((single_run_dir(tmp_path) / "summary.json").read_text())
         assert summary["status"] == "failed" and message in summary["error"]
 
 
@@ -138,7 +133,7 @@ def test_a_single_diverged_run_exits_non_zero(cli, tmp_path):
     assert out.returncode != 0
     assert "Training diverged: the loss became nan" in out.stderr
     assert "Traceback" not in out.stderr
-    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    summary = json.loads((single_run_dir(tmp_path) / "summary.json").read_text())
     assert summary["status"] == "diverged" and "Lower the learning rate" in summary["error"]
 
 
@@ -150,7 +145,7 @@ def test_same_seed_gives_the_same_summary(tmp_path):
         (tmp_path / name).mkdir()
         out = run_cli(*QUICK, "seed=7", cwd=tmp_path / name)
         assert out.returncode == 0, out.stderr
-        data = json.loads((only_run_dir(tmp_path / name) / "summary.json").read_text())
+        data = json.loads((single_run_dir(tmp_path / name) / "summary.json").read_text())
         results.append({k: v for k, v in data.items() if "/" in k})
     assert results[0] == results[1]
     assert "test/acc" in results[0]

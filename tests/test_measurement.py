@@ -12,7 +12,7 @@ from moe_exp.callbacks import CollapseAlarm
 from moe_exp.cost import flops_per_sample
 from moe_exp.moe import MoE, TopKGate
 from moe_exp.similarity import expert_similarity, similarity_summary
-from tests.conftest import QUICK
+from tests.conftest import QUICK, single_run_dir
 
 
 class LinearMixture(nn.Module):
@@ -65,9 +65,8 @@ def test_a_run_with_wandb_offline_writes_everything(cli, tmp_path, monkeypatch):
     out = cli(*QUICK, "logger=[csv,wandb]")
     assert out.returncode == 0, out.stderr
     assert "W&B logging OFFLINE" in out.stdout + out.stderr
-    (summary_path,) = tmp_path.glob("outputs/runs/*/*/summary.json")
-    run = summary_path.parent
-    summary = json.loads(summary_path.read_text())
+    run = single_run_dir(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
     for key in (
         "test/nmi_label",
         "test/nmi_shape",

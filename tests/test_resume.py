@@ -14,18 +14,13 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from moe_exp.build import build_components
-from moe_exp.checkpoints import check_fits, load_checkpoint
+from moe_exp.checkpoints import SHOWN_MISMATCHES, check_fits, load_checkpoint
 from moe_exp.cli import resume_argv
 from moe_exp.errors import MoeExpError
-from tests.conftest import CLI, QUICK, compose_config, run_cli
+from tests.conftest import CLI, QUICK, compose_config, run_cli, single_run_dir
 
 # Two epochs of 32 batches: the kill lands inside the second epoch.
 LONGER = [*QUICK, "data.n_train=2048", "trainer.max_epochs=2", "seed=3"]
-
-
-def run_folder(root: Path) -> Path:
-    (summary,) = root.glob("outputs/runs/*/*/summary.json")
-    return summary.parent
 
 
 def metrics(summary: dict) -> dict:
@@ -117,7 +112,14 @@ def test_a_checkpoint_with_another_expert_count_names_the_key_and_both_shapes(st
     want = list(states["e8"][key].shape)
     have = list(states["e4"][key].shape)
     assert f"{key}: checkpoint shape {have}, model shape {want}" in message
-    assert "model.moe.experts.7." in message or "and " in message  # experts 4-7 are missing
+    e4, e8 = states["e4"], states["e8"]
+    mismatched = sum(k in e4 and e4[k].shape != e8[k].shape for k in e8)
+    missing = sum(k not in e4 for k in e8)  # experts 4-7
+    assert missing > 0 and f"; and {mismatched + missing - SHOWN_MISMATCHES} more" in message
+    # a checkpoint lacking only expert 7 is named by its keys
+    without_7 = {k: v for k, v in e8.items() if not k.startswith("model.moe.experts.7.")}
+    with pytest.raises(MoeExpError, match=r"model\.moe\.experts\.7\..*in the model, not in"):
+        check_fits(without_7, e8, tmp_path / "last.ckpt")
 
 
 def test_a_checkpoint_of_another_architecture_lists_the_keys_it_lacks(states, tmp_path):
@@ -191,7 +193,7 @@ def test_a_run_killed_by_sigterm_resumes_to_exactly_the_uninterrupted_metrics(tm
     killed = start([*LONGER, "logger=[csv,wandb]"], tmp_path / "killed")
     output = stop_in_epoch_2(killed, signal.SIGTERM)
     assert killed.returncode == 128 + signal.SIGTERM, output
-    folder = run_folder(tmp_path / "killed")
+    folder = single_run_dir(tmp_path / "killed")
     stopped = json.loads((folder / "summary.json").read_text())
     assert stopped["status"] == "interrupted"
     assert "Interrupted by SIGTERM at epoch 1, batch" in stopped["error"]
@@ -204,7 +206,7 @@ def test_a_run_killed_by_sigterm_resumes_to_exactly_the_uninterrupted_metrics(tm
     assert out.returncode == 0, out.stderr
     assert whole.wait(timeout=600) == 0, whole.stdout.read()
     resumed = json.loads((folder / "summary.json").read_text())
-    uninterrupted = json.loads((run_folder(tmp_path / "whole") / "summary.json").read_text())
+    uninterrupted = json.loads((single_run_dir(tmp_path / "whole") / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["resumes"] == 1
     assert resumed["overrides"] == uninterrupted["overrides"] + ["logger=[csv,wandb]"]
     assert resumed["wall_time_s"] > stopped["wall_time_s"]
@@ -213,7 +215,7 @@ def test_a_run_killed_by_sigterm_resumes_to_exactly_the_uninterrupted_metrics(tm
     assert resumed["epochs"] == uninterrupted["epochs"] == 2
     # The summary evaluates the best checkpoint, which may be epoch 0's; the validation of
     # epoch 1 (the model trained after the resume) must match as well, to the last digit.
-    resumed_rows, whole_rows = val_rows(folder), val_rows(run_folder(tmp_path / "whole"))
+    resumed_rows, whole_rows = val_rows(folder), val_rows(single_run_dir(tmp_path / "whole"))
     assert {"0", "1"} <= set(resumed_rows)  # the row logged before the kill was kept
     assert len(resumed_rows["1"]) > 20
     assert resumed_rows["1"] == whole_rows["1"]
@@ -229,7 +231,7 @@ def test_sigint_stops_at_a_batch_boundary_and_leaves_a_checkpoint(tmp_path):
     proc = start(LONGER, tmp_path)
     output = stop_in_epoch_2(proc, signal.SIGINT)
     assert proc.returncode == 128 + signal.SIGINT, output
-    folder = run_folder(tmp_path)
+    folder = single_run_dir(tmp_path)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted", output
     assert "Interrupted by SIGINT at epoch 1" in summary["error"]

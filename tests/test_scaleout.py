@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from moe_exp.cli import parallel_jobs, thread_share
 from moe_exp.config import check_launch, strategy_launches_scripts
 from moe_exp.errors import ConfigError
-from tests.conftest import QUICK, compose_config, run_cli
+from tests.conftest import QUICK, compose_config, run_cli, single_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_KEYS = [  # experiment=quick, for presets that take the experiment slot themselves
@@ -57,15 +57,21 @@ def test_sequential_launchers_keep_the_requested_threads():
 @pytest.mark.slow
 def test_a_joblib_sweep_runs_both_jobs_with_capped_threads(tmp_path):
     """~30 s here: two jobs in parallel, each importing torch in its own worker."""
+    cpus = len(os.sched_getaffinity(0))
     out = run_cli(
-        "-m", *QUICK, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", cwd=tmp_path
+        "-m",
+        *QUICK,
+        f"threads={cpus}",  # every CPU asked for: two parallel jobs must get half each
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "seed=0,1",
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     (sweep,) = tmp_path.glob("outputs/multiruns/*/*")
     done = summaries(sweep)
     assert [d["status"] for d in done] == ["completed", "completed"]
-    expected = max(1, min(2, len(os.sched_getaffinity(0)) // 2))  # threads=2 by default
-    assert [d["threads"] for d in done] == [expected, expected]
+    assert [d["threads"] for d in done] == [max(1, cpus // 2)] * 2
     assert sorted(d["overrides"][-1] for d in done) == ["seed=0", "seed=1"]
 
 
@@ -178,8 +184,7 @@ def ddp_ranks(tmp_path_factory) -> list[dict]:
     finally:
         os.environ["PYTHONPATH"] = pythonpath
     assert out.returncode == 0, out.stderr
-    (summary,) = root.glob("outputs/runs/*/*/summary.json")  # rank 0 alone writes the record
-    data = json.loads(summary.read_text())
+    data = json.loads((single_run_dir(root) / "summary.json").read_text())  # rank 0 alone writes it
     assert data["status"] == "completed" and data["epochs"] == 1
     return [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
 

@@ -17,7 +17,7 @@ from moe_exp.strategies import (
     em_posteriors,
     stage_parameters,
 )
-from tests.conftest import compose_config
+from tests.conftest import compose_config, single_run_dir
 
 SMALL = [
     "experiment=quick",
@@ -179,8 +179,7 @@ def test_a_model_without_a_separate_gate_is_refused(tmp_path):
 def test_em_runs_from_the_cli_and_tags_its_rows(cli, tmp_path):
     out = cli(*SMALL, "strategy=em", "trainer.max_epochs=1")
     assert out.returncode == 0, out.stderr
-    (metrics,) = tmp_path.glob("outputs/runs/*/*/metrics.csv")
-    rows = list(csv.DictReader(metrics.open()))
+    rows = list(csv.DictReader((single_run_dir(tmp_path) / "metrics.csv").open()))
     assert {r["stage"] for r in rows} == {"em"}
     assert any(r.get("train/em_gate_ce") for r in rows)
 

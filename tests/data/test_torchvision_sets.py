@@ -8,7 +8,7 @@ import torch
 from moe_exp.build import build_components
 from moe_exp.data.torchvision_sets import FakeDataModule
 from moe_exp.errors import DataNotFoundError
-from tests.conftest import QUICK, compose_config
+from tests.conftest import QUICK, compose_config, single_run_dir
 from tests.data.disk_formats import ON_DISK, label_value, write
 
 SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32),
@@ -46,8 +46,7 @@ def test_a_cli_run_on_files_on_disk_completes(cli, tmp_path):
     out = cli(*QUICK, "data=cifar10", f"data.root={tmp_path / 'data'}", "data.check_md5=false",
               "data.batch_size=16", "threads=1")  # fmt: skip
     assert out.returncode == 0, out.stderr
-    (summary,) = tmp_path.glob("outputs/runs/*/*/summary.json")
-    data = json.loads(summary.read_text())
+    data = json.loads((single_run_dir(tmp_path) / "summary.json").read_text())
     assert data["status"] == "completed" and 0.0 <= data["test/acc"] <= 1.0
 
 
