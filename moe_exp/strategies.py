@@ -153,7 +153,7 @@ def em_posteriors(gate_log_probs: Tensor, expert_log_lik: Tensor) -> Tensor:
 
 def _record_chosen(routing: Routing, z: Tensor) -> None:
     """Per-expert predictions for the chosen (kept) assignments, as the MoE layer records."""
-    rows, ids, _, _ = sort_by_expert(routing, routing.num_experts)
+    rows, ids, _, _ = sort_by_expert(routing)
     routing.expert_predictions = (rows, ids, z[rows, ids].argmax(-1))
 
 

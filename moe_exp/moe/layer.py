@@ -31,7 +31,7 @@ class GroupedExperts(Protocol):
     def forward_grouped(self, x_sorted: Tensor, counts: list[int]) -> Tensor: ...
 
 
-def sort_by_expert(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+def sort_by_expert(routing: Routing) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """The kept (input, expert) assignments sorted by expert: (input rows, expert ids,
     weights, counts per expert)."""
     n, k = routing.indices.shape
@@ -46,8 +46,18 @@ def sort_by_expert(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor, 
             flat_input[keep],
         )
     order = torch.argsort(flat_expert, stable=True)
-    counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
+    counts = torch.bincount(flat_expert, minlength=routing.num_experts).tolist()
     return flat_input[order], flat_expert[order], flat_weight[order], counts
+
+
+def run_experts(
+    experts: Sequence[nn.Module] | GroupedExperts, x_sorted: Tensor, counts: list[int]
+) -> Tensor:
+    """Expert e on its block of ``counts[e]`` rows of ``x_sorted``; outputs in the same order."""
+    if isinstance(experts, GroupedExperts):
+        return experts.forward_grouped(x_sorted, counts)
+    blocks = zip(experts, x_sorted.split(counts), counts, strict=True)
+    return torch.cat([expert(block) for expert, block, c in blocks if c > 0])
 
 
 def dispatch_combine(
@@ -66,24 +76,12 @@ def dispatch_combine(
     """
     if routing.is_soft:
         return soft_dispatch_combine(x, routing, experts, transform)
-    grouped = isinstance(experts, GroupedExperts)
-    rows, expert_ids, weights, counts = sort_by_expert(
-        routing, experts.num_experts if grouped else len(experts)
-    )
+    rows, expert_ids, weights, counts = sort_by_expert(routing)
     if rows.numel() == 0:
         raise RuntimeError("no input was routed to any expert")
     # index_select, not x[rows]: its backward is an index_add_, where advanced indexing's is
     # an accumulating index_put_ (forward+backward on [4096, 256], 2 threads: 2.4 vs 3.7 ms)
-    x_sorted = x.index_select(0, rows)
-    if grouped:
-        out = experts.forward_grouped(x_sorted, counts)
-    else:
-        blocks = [
-            expert(block)
-            for expert, block, c in zip(experts, x_sorted.split(counts), counts, strict=True)
-            if c > 0
-        ]
-        out = torch.cat(blocks)
+    out = run_experts(experts, x.index_select(0, rows), counts)
     if record_predictions:
         routing.expert_predictions = (rows, expert_ids, out.detach().argmax(-1))
     if transform is not None:
@@ -110,11 +108,7 @@ def soft_dispatch_combine(
     dispatch = routing.dispatch.reshape(g, n // g, e * s).to(x.dtype)
     slots = dispatch.transpose(1, 2) @ x.reshape(g, n // g, -1)  # [G, E·S, F]
     slots = slots.view(g, e, s, -1).transpose(0, 1).reshape(e * g * s, *x.shape[1:])
-    if isinstance(experts, GroupedExperts):
-        out = experts.forward_grouped(slots, [g * s] * e)
-    else:
-        blocks = slots.split(g * s)
-        out = torch.cat([expert(block) for expert, block in zip(experts, blocks, strict=True)])
+    out = run_experts(experts, slots, [g * s] * e)
     if transform is not None:
         out = transform(out)
     out_shape = out.shape[1:]

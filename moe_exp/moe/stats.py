@@ -145,8 +145,9 @@ class RoutingStats:
     def update(
         self, routing: Routing, labels: Tensor | None = None, latents: Tensor | None = None
     ) -> None:
+        gates = routing.gates().detach().double().cpu()  # importance = its column sums
         self.load += routing.load().detach().double().cpu()
-        self.importance += routing.importance().detach().double().cpu()
+        self.importance += gates.sum(0)
         self.dropped += routing.dropped
         self.assignments += routing.indices.numel()
         received = routing.experts_per_input()
@@ -157,7 +158,6 @@ class RoutingStats:
         self.gate_entropies.append(entropies)
         self.entropy_sum += float(entropies.double().sum())
         self.entropy_count += entropies.numel()
-        gates = routing.gates().detach().double().cpu()
         n = gates.shape[0]
         if self.num_classes and labels is not None:
             y = _per_input(labels.detach().cpu(), n)
