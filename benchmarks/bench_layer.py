@@ -32,30 +32,28 @@ they are unset (DESIGN.md, "Benchmarks").
 from __future__ import annotations
 
 import os
-import sys
 
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+from timing import MALLOC_ENV, interleaved, steady_malloc
+
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler's start/stop lines
+if __name__ == "__main__":
+    steady_malloc()
 
-if __name__ == "__main__" and any(os.environ.get(k) is None for k in MALLOC_ENV):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
+import argparse
+import inspect
+import json
+import platform
+import statistics
+from collections import defaultdict
+from pathlib import Path
 
-import argparse  # noqa: E402
-import inspect  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from pathlib import Path  # noqa: E402
+import torch
+from torch import Tensor, nn
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from moe_exp.moe import gates  # noqa: E402
-from moe_exp.moe.bank import MLPExpertBank  # noqa: E402
-from moe_exp.moe.gates import TopKGate  # noqa: E402
-from moe_exp.moe.layer import MoE  # noqa: E402
+from moe_exp.moe import gates
+from moe_exp.moe.bank import MLPExpertBank
+from moe_exp.moe.gates import TopKGate
+from moe_exp.moe.layer import MoE
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"d": 256, "hidden": 512, "tokens": 4096, "experts": [4, 8, 16, 32, 64], "ks": [1, 2]}
@@ -85,19 +83,6 @@ def step(module: nn.Module, x: Tensor, grad: Tensor) -> None:
     out = module(x)
     y = out[0] if isinstance(out, tuple) else out
     y.backward(grad)
-
-
-def interleaved(fns: dict[str, callable], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Run the callables in turn (A B A B ...) and return each one's timed seconds."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times[name].append(elapsed)
-    return times
 
 
 def op_breakdown(fn: callable, iterations: int = 2) -> dict[str, float]:

@@ -1,20 +1,24 @@
 """Benchmark the procedural shapes generator: images per second for 50,000 32×32 images.
 
 Prints a table and writes outputs/benchmarks/shapes.json. Each configuration (plain, with
-clutter, with clusters) is generated --repeats times, interleaved, and the median is kept.
-Run with MALLOC_MMAP_MAX_=0 for steadier numbers (see DESIGN.md).
+clutter, with clusters) is generated --repeats times, interleaved, and the median is kept;
+the script re-executes itself with a steady allocator (benchmarks/timing.py).
 
     python benchmarks/bench_shapes.py [--n 50000] [--threads 1] [--repeats 3]
 """
 
 from __future__ import annotations
 
+from timing import interleaved, steady_malloc
+
+if __name__ == "__main__":
+    steady_malloc()
+
 import argparse
 import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -48,13 +52,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     generate_shapes(256, seed=0, image_size=args.image_size)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    for r in range(args.repeats):
-        for name, options in CONFIGS.items():
-            start = time.perf_counter()
-            sample = generate_shapes(args.n, seed=r, image_size=args.image_size, **options)
-            times[name].append(time.perf_counter() - start)
-            del sample
+    times = interleaved(
+        {
+            name: lambda options=options: generate_shapes(
+                args.n, seed=0, image_size=args.image_size, **options
+            )
+            for name, options in CONFIGS.items()
+        },
+        args.repeats,
+        warmup=0,
+    )
 
     results = []
     print(f"{args.n} images of {args.image_size}x{args.image_size}, {args.threads} thread(s), "
