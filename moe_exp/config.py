@@ -285,7 +285,7 @@ def _short(rule: Range, value: Any) -> str:
     know), else the full description."""
     if rule == COUNT and isinstance(value, int) and not isinstance(value, bool):
         return ">= 1"
-    if rule in (POSITIVE, POSITIVE_OR_NULL) and not rule.nullable:
+    if rule == POSITIVE:
         return "> 0"
     if rule == NONNEGATIVE:
         return "a number >= 0"

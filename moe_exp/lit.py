@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from moe_exp.errors import ConfigError, DivergedError
-from moe_exp.moe import Routing, RoutingStats
+from moe_exp.moe import MoE, Routing, RoutingStats
 
 SPLITS = ("train", "val", "test")
 EXAMPLES_PER_EXPERT = 8
@@ -37,8 +37,6 @@ log = logging.getLogger("moe_exp")
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The routing side of a model: a separate gating network (``gate_encoder``) and the
     router of every MoE layer. Everything else (experts, backbone, head) is the rest."""
-    from moe_exp.moe import MoE
-
     params: list[nn.Parameter] = []
     encoder = getattr(model, "gate_encoder", None)
     if isinstance(encoder, nn.Module):

@@ -253,7 +253,9 @@ def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any
 
     probe = datamodule.splits["test"].images[:PROBE_INPUTS]
     results: dict[str, Any] = dict(flops_per_sample(module.model, probe))
-    results["train/acc_eval"] = eval_accuracy(module, datamodule.splits["train"])
+    results["train/acc_eval"] = eval_accuracy(
+        module, datamodule.splits["train"], datamodule.eval_batch_size
+    )
     matrices = expert_similarity(module.model, probe)
     results.update(similarity_summary(matrices))
     names = {"label": datamodule.class_names, **datamodule.latent_values}
