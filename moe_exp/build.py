@@ -18,6 +18,7 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
     """The datamodule (set up) and the LightningModule wrapping the configured model."""
     from moe_exp.lit import MoEClassifierModule
 
+    surgery, new_expert = _surgery(cfg)  # before the data, so a typo there fails at once
     datamodule = build(cfg.data)
     datamodule.setup()
     expert, router = build(cfg.expert), build(cfg.gate)
@@ -30,7 +31,11 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
         router=router,
         regularizers=build(cfg.get("regularizer")) or {},
     )
-    frozen = _surgery(cfg, model, expert, router, datamodule)
+    frozen = []
+    if surgery is not None:
+        frozen = surgery.apply(
+            model, expert, router, datamodule.in_shape, datamodule.num_classes, new_expert
+        )
     module = MoEClassifierModule(
         model, datamodule.num_classes, latents=datamodule.latent_spec(), **cfg.optim
     )
@@ -38,20 +43,18 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
     return datamodule, module
 
 
-def _surgery(cfg: DictConfig, model: Any, expert: Any, router: Any, datamodule: Any) -> list:
-    """Apply ``cfg.surgery`` (absent or inactive: nothing); returns the frozen modules."""
+def _surgery(cfg: DictConfig) -> tuple[Any, Any]:
+    """The configured surgery and its new expert kind, checked; (None, None) when absent
+    or inactive."""
     from moe_exp.surgery import Surgery
 
     node = cfg.get("surgery")
     if node is None:
-        return []
+        return None, None
     surgery = Surgery(**OmegaConf.to_container(node, resolve=True))
     if not surgery.active:
-        return []
-    new_expert = _expert_option(surgery.expert) if surgery.expert else None
-    return surgery.apply(
-        model, expert, router, datamodule.in_shape, datamodule.num_classes, new_expert
-    )
+        return None, None
+    return surgery, _expert_option(surgery.expert) if surgery.expert else None
 
 
 def _expert_option(name: str) -> Any:
