@@ -158,8 +158,12 @@ class InMemoryDataModule(L.LightningDataModule):
             for name in self.discrete_latents
         }
 
+    def _seed(self, salt: int) -> int:
+        """A seed of its own for each use of randomness (split, noise, augmentation)."""
+        return self.seed * 1_000_003 + salt
+
     def _generator(self, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+        return torch.Generator().manual_seed(self._seed(salt))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -225,7 +229,7 @@ class InMemoryDataModule(L.LightningDataModule):
         if name == "train":
             image_size = self.splits["train"].images.shape[-1]
             augment = BatchAugment(
-                self.augment, image_size, self.seed * 1_000_003 + _AUGMENT, self.crop_padding
+                self.augment, image_size, self._seed(_AUGMENT), self.crop_padding
             )
             transform = augment if augment.active else None
         view = _BatchView(self.splits[name], transform)
