@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,60 +27,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from moe_exp.moe.experts import check_dropout
+from moe_exp.moe.layout import ExpertLayout, Group
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PAIR_BELOW_ROWS = 512  # mean rows per routed expert under which experts run in pairs
-
-
-Group = tuple[tuple[int, ...], int, int]  # (experts, ascending; rows per expert; first row)
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Where each expert's rows sit in the buffer the expert matmuls run on.
-
-    A group of one expert is one matmul on its block of rows. A group of two experts is one
-    ``bmm`` over both, each block padded to the larger one's rows: the BLAS spreads the two
-    products over its threads, where it splits one product of few rows poorly (on 2 threads,
-    64-row blocks reach ~105 GFLOP/s one by one but ~135 in pairs; a 4096-row block: ~170).
-    ``positions`` maps each sorted input row to its row in the padded buffer (None: the
-    buffer is the sorted input itself).
-    """
-
-    groups: list[Group]
-    rows: int
-    positions: Tensor | None = None
-
-    @staticmethod
-    def contiguous(counts: Sequence[int]) -> ExpertLayout:
-        """One expert per group, blocks in expert order: the sorted input as it is."""
-        groups, start = [], 0
-        for e, c in enumerate(counts):
-            if c:
-                groups.append(((e,), c, start))
-            start += c
-        return ExpertLayout(groups, start)
-
-    @staticmethod
-    def paired(counts: Sequence[int], device: torch.device | str = "cpu") -> ExpertLayout:
-        """Experts paired with the one nearest in row count (so padding stays small)."""
-        by_count = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
-        groups, pad_start, row = [], [0] * len(counts), 0
-        for i in range(0, len(by_count), 2):
-            experts = tuple(sorted(by_count[i : i + 2]))
-            rows = max(counts[e] for e in experts)
-            for slot, e in enumerate(experts):
-                pad_start[e] = row + slot * rows
-            groups.append((experts, rows, row))
-            row += rows * len(experts)
-        counts_t = torch.tensor(counts, device=device)
-        starts = torch.cumsum(counts_t, 0) - counts_t
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(len(counts), device=device), counts_t, output_size=sum(counts)
-        )
-        shift = torch.tensor(pad_start, device=device) - starts
-        positions = torch.arange(sum(counts), device=device) + shift[expert_of_row]
-        return ExpertLayout(groups, row, positions)
 
 
 def _batch_of(t: Tensor, experts: tuple[int, ...]) -> Tensor:
@@ -205,13 +154,14 @@ class MLPExpertBank(nn.Module):
 
     def forward_grouped(self, x_sorted: Tensor, counts: Sequence[int]) -> Tensor:
         layout = self.layout(x_sorted, counts)
-        x_in = x_sorted
-        if layout.positions is not None:  # into the padded buffer (pads zero: finite)
-            x_in = x_sorted.new_zeros(layout.rows, x_sorted.shape[1])
-            x_in = x_in.index_copy(0, layout.positions, x_sorted)
+        # padding rows read zeros (finite), and their outputs are dropped
+        return layout.unpad(self.forward_laid_out(layout.pad(x_sorted), layout))
+
+    def forward_laid_out(self, x_in: Tensor, layout: ExpertLayout) -> Tensor:
+        """The experts on rows already placed by ``layout`` (see :meth:`layout`); the output
+        has the same rows. Padding rows must get zero gradient."""
         h = self.act(grouped_linear(x_in, self.w1, self.b1, layout))
-        y = grouped_linear(self.drop(h), self.w2, self.b2, layout)
-        return y if layout.positions is None else y.index_select(0, layout.positions)
+        return grouped_linear(self.drop(h), self.w2, self.b2, layout)
 
     def layout(self, x: Tensor, counts: Sequence[int]) -> ExpertLayout:
         """Pairs of experts (see :class:`ExpertLayout`) on a multi-threaded CPU when blocks

@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_exp.moe.bank import ExpertLayout, MLPExpertBank, grouped_linear
+from moe_exp.moe.bank import MLPExpertBank, grouped_linear
 from moe_exp.moe.gates import TopKGate
 from moe_exp.moe.layer import GroupedExperts, MoE, dispatch_combine
+from moe_exp.moe.layout import ExpertLayout
 
 N, D, H, OUT, E = 48, 6, 10, 4, 5
 
@@ -28,8 +29,17 @@ def test_bank_is_grouped_experts():
     assert isinstance(MLPExpertBank(E, D, H, OUT), GroupedExperts)
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """One thread: one matmul per expert; two: the bank pairs experts (padded layout)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("k", [1, 2])
-def test_bank_equals_linear_experts_in_outputs_and_gradients(k):
+def test_bank_equals_linear_experts_in_outputs_and_gradients(k, threads):
     torch.manual_seed(0)
     bank = MLPExpertBank(E, D, H, OUT, activation="gelu")
     modules = as_modules(bank)
@@ -39,17 +49,25 @@ def test_bank_equals_linear_experts_in_outputs_and_gradients(k):
     # force an expert with no inputs: its gradients must be zero, not garbage
     routing.indices = routing.indices.masked_fill(routing.indices == 3, 0)
 
+    counts = torch.bincount(routing.indices.flatten(), minlength=E).tolist()
+    assert (bank.layout(x, counts).positions is not None) == (threads == 2)
+
     y = dispatch_combine(x, routing, bank)
     loss = (y * torch.linspace(-1, 1, OUT)).square().sum()
-    g_bank = torch.autograd.grad(loss, [x, bank.w1, bank.b1, bank.w2, bank.b2], retain_graph=True)
+    params = [x, gate.proj.weight, bank.w1, bank.b1, bank.w2, bank.b2]
+    g_bank = torch.autograd.grad(loss, params, retain_graph=True)
 
     y_ref = dispatch_combine(x, routing, modules)
     loss_ref = (y_ref * torch.linspace(-1, 1, OUT)).square().sum()
-    params = [x, *modules.parameters()]
+    params = [x, gate.proj.weight, *modules.parameters()]
     g_ref = torch.autograd.grad(loss_ref, params, allow_unused=True)
     g_ref = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_ref, strict=True)]
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_bank[0], g_ref[0], atol=1e-5, rtol=1e-5)
+    if k > 1:  # (k = 1 renormalises the kept weight to 1: no router gradient to compare)
+        assert g_ref[1].abs().sum() > 0
+    torch.testing.assert_close(g_bank[1], g_ref[1], atol=1e-5, rtol=1e-5)
+    g_bank, g_ref = [g_bank[0], *g_bank[2:]], [g_ref[0], *g_ref[2:]]
     per_expert = [g_ref[1 + 4 * e : 5 + 4 * e] for e in range(E)]
     torch.testing.assert_close(g_bank[1], torch.stack([w.t() for w, _, _, _ in per_expert]))
     torch.testing.assert_close(g_bank[2], torch.stack([b for _, b, _, _ in per_expert]))
