@@ -8,12 +8,12 @@ MoE/dense is what routing costs: the router matmul, top-k, the argsort, the gath
 the weighting and the index_add scatter, and E smaller matmuls instead of one big one.
 ``--profile`` breaks each MoE point's time down by op kind (torch.profiler, self CPU time).
 
-Also times the expert matmuls alone (``expert_matmuls``): the six matmuls of the two expert
-linears' forward + backward as E blocks of N·k/E rows, on all threads (one block after
-another, as the loop does) and on one thread. ``spread`` = (one-thread time / T) / dense
-time: the ratio those matmuls would reach with whole experts spread over the T threads at
-the one-thread rate. Where it is near 1 and the layer's ratio is not, the loss is in how
-the small products are scheduled over threads, not in the BLAS kernels.
+Also times the matmuls alone (``matmul_floor``): the experts' six forward + backward
+products on perfectly balanced blocks, one, two or four experts per ``bmm``, with their
+weight gradients written to E distinct tensors, plus the router's products. ``floor`` =
+(router + best grouping) / dense: what the layer cannot beat with this BLAS even if routing,
+dispatch and combine cost nothing. Where the layer's ratio sits near its floor, what is left
+is the BLAS on small blocks and the E-fold weight and gradient traffic, not this code.
 
 Also measures tokens/s of every router class in ``moe_exp.moe.gates`` at E=16 (found by
 introspection; a class whose constructor does not take (in_features, num_experts[, k]) is
@@ -45,6 +45,7 @@ import json
 import platform
 import statistics
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -143,63 +144,75 @@ def layer_grid(cfg: dict, repeats: int, warmup: int, profile: bool) -> list[dict
     return rows
 
 
-def six_matmuls(x: Tensor, w1: Tensor, w2: Tensor, rows: int) -> None:
-    """Forward + backward matmuls of x → w1 → w2 (no bias, no activation) in blocks of
-    ``rows``: out, input gradient and weight gradient of each linear, expert e on block e."""
-    blocks = x.shape[0] // rows
-    for e in range(blocks):
-        xe = x[e * rows : (e + 1) * rows]
-        h = xe @ w1[e % w1.shape[0]]
-        y = h @ w2[e % w2.shape[0]]
-        h.t() @ y, y @ w2[e % w2.shape[0]].t()  # w2's weight and input gradients
-        xe.t() @ h, h @ w1[e % w1.shape[0]].t()  # w1's weight and input gradients
+def six_products(x: Tensor, w1: Tensor, w2: Tensor, g1: Tensor, g2: Tensor, group: int) -> None:
+    """Forward + backward matmuls of x → w1 → w2 (no bias, activation or routing): expert e
+    on its equal block of x's rows, ``group`` experts per ``bmm``, the weight gradients
+    written into g1[e] and g2[e] as a training step must."""
+    experts = w1.shape[0]
+    rows = x.shape[0] // experts
+    for first in range(0, experts, group):
+        last = min(first + group, experts)
+        xe = x[first * rows : last * rows].view(last - first, rows, -1)
+        a, b = w1[first:last], w2[first:last]
+        h = torch.bmm(xe, a)
+        y = torch.bmm(h, b)
+        torch.bmm(h.transpose(1, 2), y, out=g2[first:last])
+        torch.bmm(y, b.transpose(1, 2))
+        torch.bmm(xe.transpose(1, 2), h, out=g1[first:last])
+        torch.bmm(h, a.transpose(1, 2))
 
 
-def matmul_seconds(
-    x: Tensor, w1: Tensor, w2: Tensor, rows: int, repeats: int, warmup: int
-) -> float:
-    """Median seconds of :func:`six_matmuls`."""
-    times = interleaved({"matmuls": lambda: six_matmuls(x, w1, w2, rows)}, repeats, warmup)
-    return statistics.median(times["matmuls"])
+def router_products(x: Tensor, w: Tensor, grad_w: Tensor, grad_logits: Tensor) -> None:
+    """The router's matmuls, forward + backward: logits, input gradient, weight gradient."""
+    x @ w, grad_logits @ w.t()
+    torch.mm(x.t(), grad_logits, out=grad_w)
 
 
-def expert_matmuls(cfg: dict, repeats: int, warmup: int) -> list[dict]:
-    """Per (E, k): the expert matmuls' rate on all threads and on one, and ``spread``.
+def matmul_floor(cfg: dict, repeats: int, warmup: int) -> list[dict]:
+    """Per (E, k): what the layer's matmuls alone cost against the dense MLP's.
 
-    ``spread`` = (one-thread expert time / threads) / dense time (see the module docstring);
-    ``parallel_gflops`` is what the BLAS gets from all threads on the blocks one by one.
+    The experts get perfectly balanced blocks (the best case for any router) and run one,
+    two or four per ``bmm``; the router is the d × E linear. ``floor`` = (router + the
+    best grouping) / dense: the ratio the layer cannot beat with this BLAS even if top-k,
+    sorting, gather, combine and padding cost nothing.
     """
     d, hidden, n = cfg["d"], cfg["hidden"], cfg["tokens"]
-    threads = torch.get_num_threads()
+    groups = (1, 2, 4)
     rows = []
     for k in cfg["ks"]:
         x = torch.randn(n * k, d)
-        dense1, dense2 = torch.randn(1, d, k * hidden), torch.randn(1, k * hidden, d)
+        dense = [torch.randn(1, d, k * hidden), torch.randn(1, k * hidden, d)]
+        dense_grads = [torch.empty_like(w) for w in dense]
         flops = 6 * 2 * n * d * k * hidden
-        dense_s = matmul_seconds(x[:n], dense1, dense2, n, repeats, warmup)
         for e in cfg["experts"]:
             w1, w2 = torch.randn(e, d, hidden), torch.randn(e, hidden, d)
-            block = n * k // e
-            parallel_s = matmul_seconds(x, w1, w2, block, repeats, warmup)
-            torch.set_num_threads(1)
-            try:
-                single_s = matmul_seconds(x, w1, w2, block, repeats, warmup)
-            finally:
-                torch.set_num_threads(threads)
+            g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
+            router, router_grad = torch.randn(d, e), torch.empty(d, e)
+            grad_logits = torch.randn(n, e)
+            fns = {
+                "dense": partial(six_products, x[:n], *dense, *dense_grads, 1),
+                "router": partial(router_products, x[:n], router, router_grad, grad_logits),
+                **{g: partial(six_products, x, w1, w2, g1, g2, g) for g in groups},
+            }
+            times = interleaved(fns, repeats, warmup)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            best = min(groups, key=lambda g: med[g])
             row = {
                 "experts": e,
                 "k": k,
-                "rows_per_expert": block,
-                "dense_gflops": flops / dense_s / 1e9,
-                "parallel_gflops": flops / parallel_s / 1e9,
-                "single_thread_gflops": flops / single_s / 1e9,
-                "spread": single_s / threads / dense_s,
+                "rows_per_expert": n * k // e,
+                "dense_gflops": flops / med["dense"] / 1e9,
+                **{f"experts_gflops_group{g}": flops / med[g] / 1e9 for g in groups},
+                "router_share": med["router"] / med["dense"],
+                "best_group": best,
+                "floor": (med["router"] + med[best]) / med["dense"],
             }
             rows.append(row)
+            per_group = "  ".join(f"{row[f'experts_gflops_group{g}']:6.1f}" for g in groups)
             print(
-                f"  E={e:3d} k={k}  {block:5d} rows/expert  dense {row['dense_gflops']:6.1f} GF/s"
-                f"  experts {row['parallel_gflops']:6.1f} GF/s on {threads} threads,"
-                f" {row['single_thread_gflops']:6.1f} on 1  spread {row['spread']:.3f}",
+                f"  E={e:3d} k={k}  {row['rows_per_expert']:5d} rows/expert  dense"
+                f" {row['dense_gflops']:6.1f} GF/s  experts by 1/2/4 per bmm {per_group} GF/s"
+                f"  router {100 * row['router_share']:4.1f}%  floor {row['floor']:.3f}",
                 flush=True,
             )
     return rows
@@ -271,9 +284,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
     parser.add_argument("--profile", action="store_true", help="time by op kind per MoE point")
     parser.add_argument("--no-gates", action="store_true", help="skip the per-router throughput")
-    parser.add_argument(
-        "--no-matmuls", action="store_true", help="skip timing the expert matmuls alone"
-    )
+    parser.add_argument("--no-matmuls", action="store_true", help="skip the matmul floor table")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/benchmarks/bench_layer.json")
     args = parser.parse_args()
     if args.threads:
@@ -291,20 +302,20 @@ def main() -> None:
         print_breakdown(grid)
     matmuls = []
     if not args.no_matmuls:
-        print("\nThe expert matmuls alone (expert_matmuls):", flush=True)
-        matmuls = expert_matmuls(cfg, repeats, args.warmup)
+        print("\nThe matmuls alone, on balanced blocks (matmul_floor):", flush=True)
+        matmuls = matmul_floor(cfg, repeats, args.warmup)
     gate_rows = []
     if not args.no_gates:
         print(f"\nRouters at E={GATE_EXPERTS}, k=2 (forward+backward of the MoE layer):")
         gate_rows = gate_throughput(cfg, repeats, args.warmup)
 
     by = {(r["experts"], r["k"]): r["ratio"] for r in grid}
-    spread = {(r["experts"], r["k"]): r["spread"] for r in matmuls}
-    print("\n  E   k=1 ratio  k=2 ratio" + ("  k=1 spread k=2 spread" if matmuls else ""))
+    floor = {(r["experts"], r["k"]): r["floor"] for r in matmuls}
+    print("\n  E   k=1 ratio  k=2 ratio" + ("   k=1 floor  k=2 floor" if matmuls else ""))
     for e in cfg["experts"]:
         cells = "  ".join(f"{by[(e, k)]:9.3f}" if (e, k) in by else " " * 9 for k in (1, 2))
         if matmuls:
-            cells += "   " + "  ".join(f"{spread.get((e, k), float('nan')):9.3f}" for k in (1, 2))
+            cells += "   " + "  ".join(f"{floor.get((e, k), float('nan')):9.3f}" for k in (1, 2))
         print(f"  {e:<3d} {cells}")
     print(f"  worst ratio {max(by.values()):.3f} (goal <= 1.15)")
 
@@ -317,7 +328,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
         "layer": grid,
-        "expert_matmuls": matmuls,
+        "matmul_floor": matmuls,
         "gates": gate_rows,
     }
     args.out.write_text(json.dumps(record, indent=2))
