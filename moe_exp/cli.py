@@ -17,6 +17,7 @@ depends on how Hydra launched the job:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -86,6 +87,13 @@ def resume_argv(argv: list[str]) -> list[str]:
         )
     if any(a in ("-m", "--multirun") for a in argv[1:]):
         raise SystemExit("moe-exp: resume= continues one run; drop -m/--multirun.")
+    summary = folder / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+        raise SystemExit(
+            f"moe-exp: resume={raw}: this run completed; there is nothing to continue, and its "
+            "results stay as they are. To train longer, start a new run with more "
+            "trainer.max_epochs."
+        )
     before = [str(o) for o in OmegaConf.load(saved) if not is_resume_override(str(o))]
     extra = [a for a in argv[1:] if not is_resume_override(a)]
     return [

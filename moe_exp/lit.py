@@ -288,9 +288,11 @@ class MoEClassifierModule(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """An index of the experts' state: expert i's tensors are the state_dict entries under
-        its prefix, so one expert can be taken out and loaded into another mixture
-        (:func:`moe_exp.surgery.expert_state`)."""
+        """The per-epoch history (a resumed run takes it back, see :func:`moe_exp.run.run`,
+        so its plots cover the epochs before the resume too) and an index of the experts'
+        state: expert i's tensors are the state_dict entries under its prefix, so one expert
+        can be taken out and loaded into another mixture (:func:`moe_exp.surgery.expert_state`)."""
+        checkpoint["history"] = self.history
         experts = getattr(getattr(self.model, "moe", None), "experts", None)
         if isinstance(experts, nn.ModuleList):
             checkpoint["experts"] = [

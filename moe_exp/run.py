@@ -60,13 +60,13 @@ def run(
     run_dir = Path(run_dir)
     resume = cfg.get("resume")
     rank_zero = global_rank() == 0
+    if resume:  # before the record: a refused resume leaves the run's files as they were
+        _check_resume_folder(Path(resume), run_dir, cfg)
     record = RunRecord(run_dir, overrides, resume=bool(resume), enabled=rank_zero)
     if notes:
         record.update(**notes)
     try:
         validate(cfg, overrides or ())
-        if resume:
-            _check_resume_folder(Path(resume), run_dir)
         if rank_zero:
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         results = _train_and_test(cfg, run_dir, record, bool(resume))
@@ -133,7 +133,32 @@ def objective_value(cfg: DictConfig, results: Mapping[str, Any]) -> float | list
     return values[0] if isinstance(objective, str) else values
 
 
-def _check_resume_folder(folder: Path, run_dir: Path) -> None:
+# what fixes the length of the learning-rate schedule a checkpoint's scheduler state holds
+SCHEDULE_KEYS = (
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.accumulate_grad_batches",
+    "data.n_train",
+    "data.batch_size",
+    "optim.scheduler",
+)
+
+
+def _check_resume_folder(folder: Path, run_dir: Path, cfg: DictConfig) -> None:
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        before = OmegaConf.load(saved)
+        changed = [
+            f"{key}={OmegaConf.select(cfg, key)} (the run has {OmegaConf.select(before, key)})"
+            for key in SCHEDULE_KEYS
+            if OmegaConf.select(cfg, key) != OmegaConf.select(before, key)
+        ]
+        if changed:
+            raise ConfigError(
+                f"resume={folder} cannot change {', '.join(changed)}: the checkpoint's "
+                "learning-rate schedule spans the run's original length. Resume without it, "
+                "or start a new run."
+            )
     if folder.resolve() != run_dir.resolve():
         raise ConfigError(
             f"resume={folder} must run in that folder, but this run's folder is {run_dir}: "
@@ -160,6 +185,16 @@ def _carry_csv_rows(run_dir: Path, before_epoch: int) -> list[dict[str, Any]]:
             if "epoch" in kept and kept["epoch"] < before_epoch:
                 rows.append(kept)
     return rows
+
+
+def _first_epoch_after(checkpoint: Mapping[str, Any]) -> int:
+    """The first epoch a run resumed from ``checkpoint`` trains: the one it was stopped in,
+    or the next one when the checkpoint was saved at an epoch's end (Lightning's fit-loop
+    progress counts the epochs fully processed)."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return int(checkpoint.get("epoch", 0))
 
 
 def _number(text: str) -> Any:
@@ -203,12 +238,13 @@ def make_trainer(
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    rows = _carry_csv_rows(run_dir, int(resume_from.get("epoch", 0))) if resume_from else []
+    rows = _carry_csv_rows(run_dir, _first_epoch_after(resume_from)) if resume_from else []
     loggers = [build(node, save_dir=str(run_dir)) for node in (cfg.get("logger") or {}).values()]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if rows and isinstance(logger, CSVLogger):
             logger.experiment.metrics.extend(rows)
+            logger.save()  # on disk again now: a resumed run that fails must not lose them
     extra = [build(node) for node in (cfg.get("callbacks") or {}).values()]
     callbacks = [
         checkpoint,
@@ -311,6 +347,9 @@ def _train_and_test(
         last = run_dir / "checkpoints" / "last.ckpt"
         checkpoint = load_checkpoint(last)
         check_fits(checkpoint["state_dict"], module.state_dict(), last)
+        # here, not in a load hook: validate/test load the best checkpoint, whose history
+        # stops at its epoch
+        module.history = checkpoint.get("history", module.history)
         log.info("resuming %s from epoch %s", run_dir, checkpoint.get("epoch"))
     trainer = make_trainer(cfg, run_dir, resume_from=checkpoint)
     del checkpoint

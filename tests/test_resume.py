@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from moe_exp.build import build_components
 from moe_exp.checkpoints import SHOWN_MISMATCHES, check_fits, load_checkpoint
@@ -62,12 +63,12 @@ def test_resume_reruns_the_saved_overrides_in_the_same_folder(tmp_path):
     (run / ".hydra" / "overrides.yaml").write_text(
         "- experiment=quick\n- seed=3\n- resume=/an/earlier/resume\n"
     )
-    argv = resume_argv(["moe-exp", f"resume={run}", "trainer.max_epochs=3"])
+    argv = resume_argv(["moe-exp", f"resume={run}", "threads=1"])
     assert argv == [
         "moe-exp",
         "experiment=quick",
         "seed=3",
-        "trainer.max_epochs=3",
+        "threads=1",
         f"resume={run}",
         f"hydra.run.dir={run}",
     ]
@@ -90,6 +91,19 @@ def test_resume_of_something_that_is_not_a_run_folder_says_so(tmp_path):
     (tmp_path / ".hydra" / "overrides.yaml").write_text("[]\n")
     with pytest.raises(SystemExit, match="drop -m"):
         resume_argv(["moe-exp", "-m", f"resume={tmp_path}"])
+
+
+def test_resuming_a_completed_run_is_refused_and_leaves_it_as_it_is(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- experiment=quick\n")
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"status": "completed", "test/acc": 0.9}))
+    before = summary.read_text()
+    with pytest.raises(SystemExit, match="this run completed; there is nothing to continue"):
+        resume_argv(["moe-exp", f"resume={tmp_path}", "trainer.max_epochs=5"])
+    assert summary.read_text() == before
+    summary.write_text(json.dumps({"status": "interrupted"}))
+    assert resume_argv(["moe-exp", f"resume={tmp_path}"])[1] == "experiment=quick"
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -155,6 +169,29 @@ def test_resuming_with_another_expert_count_fails_before_training(states, tmp_pa
     assert "Traceback" not in out.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and "checkpoint shape [4" in summary["error"]
+
+
+def test_resuming_with_another_schedule_length_fails_before_training(states, tmp_path):
+    run = fake_run(tmp_path / "run", states["e4"], QUICK)
+    OmegaConf.save(compose_config(QUICK), run / "config.yaml")
+    out = run_cli(f"resume={run}", "trainer.max_epochs=3", "data.batch_size=32", cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert (
+        "cannot change trainer.max_epochs=3 (the run has 1), data.batch_size=32 (the run has 64)"
+        in out.stderr
+    )
+    assert not (run / "metrics.csv").exists() and not (run / "summary.json").exists()
+
+
+def test_the_carried_rows_are_back_on_disk_before_training(tmp_path):
+    """Lightning's CSV logger deletes metrics.csv when it starts; a resumed run writes the
+    rows it keeps back at once, so one that fails later loses none of them."""
+    from moe_exp.run import make_trainer
+
+    (tmp_path / "metrics.csv").write_text("epoch,step,val/acc\n0,31,0.5\n1,63,0.75\n")
+    make_trainer(compose_config(QUICK), tmp_path, resume_from={"epoch": 1})
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [(r["epoch"], r["val/acc"]) for r in rows] == [("0", "0.5")]
 
 
 # -- kill and resume ------------------------------------------------------------------------
@@ -223,6 +260,30 @@ def test_a_run_killed_by_sigterm_resumes_to_exactly_the_uninterrupted_metrics(tm
     assert (folder / "wandb_id.txt").read_text() == wandb_id
     runs = list((folder / "wandb").glob(f"offline-run-*-{wandb_id.strip()}"))
     assert len(runs) == 2  # the first attempt and the resumed one: the same W&B run
+
+
+def test_a_run_killed_after_an_epoch_keeps_that_epochs_rows_and_history(tmp_path):
+    """SIGKILL leaves only the checkpoint of the last epoch's end (no interrupt handler
+    runs); the resumed run starts at the next epoch and keeps the earlier epoch's
+    metrics.csv rows and per-epoch history (the load-over-epochs plot). ~20 s: two runs."""
+    killed = start(LONGER, tmp_path)
+    stop_in_epoch_2(killed, signal.SIGKILL)
+    folder = single_run_dir(tmp_path)
+    assert json.loads((folder / "summary.json").read_text())["status"] == "running"
+    assert load_checkpoint(folder / "checkpoints" / "last.ckpt")["epoch"] == 0
+    rows_before = val_rows(folder)
+    assert set(rows_before) == {"0"}
+
+    out = run_cli(f"resume={folder}", cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = val_rows(folder)
+    assert rows["0"] == rows_before["0"] and "1" in rows
+    train_epochs = [
+        r["epoch"] for r in csv.DictReader((folder / "metrics.csv").open()) if r.get("train/acc")
+    ]
+    assert train_epochs == ["0", "1"]
+    history = load_checkpoint(folder / "checkpoints" / "last.ckpt")["history"]
+    assert len(history["val"]) == 2 and history["val"][0]["acc"] == float(rows["0"]["val/acc"])
 
 
 @pytest.mark.slow
