@@ -33,15 +33,26 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PAIR_BELOW_ROWS = 512  # mean rows per routed expert under which experts run in pairs
 
 
-def _batch_of(t: Tensor, experts: tuple[int, ...]) -> Tensor:
-    """t[experts] as a view (batch stride = their distance), not a copy: experts ascending."""
-    if len(experts) == 1:
-        return t[experts[0]].unsqueeze(0)
-    first, last = experts[0], experts[-1]
-    stride = (last - first) * t.stride(0)
-    return t.as_strided(
-        (2, *t.shape[1:]), (stride, *t.stride()[1:]), t.storage_offset() + first * t.stride(0)
-    )
+def _batch_of(t: Tensor, experts: tuple[int, ...], transposed: bool = False) -> Tensor:
+    """t[experts] as one view (batch stride = their distance), not a copy: experts ascending;
+    ``transposed`` swaps the last two dimensions. One ``as_strided`` call: at E=64 the loop
+    over groups makes thousands of these views per step, and each call costs microseconds."""
+    stride = (experts[-1] - experts[0]) * t.stride(0) or t.stride(0)
+    shape, strides = list(t.shape[1:]), list(t.stride()[1:])
+    if transposed:
+        shape, strides = shape[::-1], strides[::-1]
+    offset = t.storage_offset() + experts[0] * t.stride(0)
+    return t.as_strided((len(experts), *shape), (stride, *strides), offset)
+
+
+def _blocks(t: Tensor, first: int, count: int, rows: int, transposed: bool = False) -> Tensor:
+    """Rows [first, first + count·rows) of the contiguous 2-D ``t`` as [count, rows, cols]
+    (``transposed``: [count, cols, rows]), as one view."""
+    cols = t.shape[1]
+    shape, strides = (count, rows, cols), (rows * cols, cols, 1)
+    if transposed:
+        shape, strides = (count, cols, rows), (rows * cols, 1, cols)
+    return t.as_strided(shape, strides, t.storage_offset() + first * cols)
 
 
 class GroupedLinear(torch.autograd.Function):
@@ -57,14 +68,16 @@ class GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: list[Group]) -> Tensor:
+        x = x.contiguous()
         out = x.new_empty(x.shape[0], weight.shape[2])
+        bias_rows = bias.unsqueeze(1)  # [E, 1, d_out]: broadcast over each block's rows
         for experts, rows, first in groups:
-            n = rows * len(experts)
+            g = len(experts)
             torch.baddbmm(
-                _batch_of(bias, experts).unsqueeze(1),
-                x[first : first + n].view(len(experts), rows, -1),
+                _batch_of(bias_rows, experts),
+                _blocks(x, first, g, rows),
                 _batch_of(weight, experts),
-                out=out[first : first + n].view(len(experts), rows, -1),
+                out=_blocks(out, first, g, rows),
             )
         ctx.groups = groups
         ctx.save_for_backward(x, weight)
@@ -80,14 +93,14 @@ class GroupedLinear(torch.autograd.Function):
         gw = torch.empty_like(weight) if need_w else None
         gb = grad.new_empty(weight.shape[0], weight.shape[2]) if need_b else None
         for experts, rows, first in ctx.groups:
-            n, g = rows * len(experts), len(experts)
-            g_out = grad[first : first + n].view(g, rows, -1)
+            g = len(experts)
+            g_out = _blocks(grad, first, g, rows)
             if gx is not None:
-                w_t = _batch_of(weight, experts).transpose(1, 2)
-                torch.bmm(g_out, w_t, out=gx[first : first + n].view(g, rows, -1))
+                w_t = _batch_of(weight, experts, transposed=True)
+                torch.bmm(g_out, w_t, out=_blocks(gx, first, g, rows))
             if gw is not None:
-                x_in = x[first : first + n].view(g, rows, -1)
-                torch.bmm(x_in.transpose(1, 2), g_out, out=_batch_of(gw, experts))
+                x_t = _blocks(x, first, g, rows, transposed=True)
+                torch.bmm(x_t, g_out, out=_batch_of(gw, experts))
             if gb is not None:
                 torch.sum(g_out, 1, out=_batch_of(gb, experts))
         routed = {e for experts, _, _ in ctx.groups for e in experts}
