@@ -10,10 +10,26 @@ from moe_exp.cli import compose, config_dir
 CLI = str(Path(sys.executable).parent / "moe-exp")
 # A tiny, fast run: small data, one epoch, no checkpoint-worthy training.
 QUICK = ["experiment=quick"]
+# Smaller still, on one thread: in-process fits of a few batches.
+TINY_DATA = ["data.n_train=256", "data.n_val=128", "data.n_test=128"]
+TINY = [*QUICK, *TINY_DATA, "threads=1"]
 
 
 def compose_config(overrides=()):
     return compose(list(overrides))
+
+
+def seeded_build(cfg, run_dir: Path, seed: int = 0):
+    """(datamodule, module, trainer) for an in-process fit: built after seeding, with the
+    run's own Trainer (loggers, checkpoints) writing into ``run_dir``."""
+    import torch
+
+    from moe_exp.build import build_components
+    from moe_exp.run import make_trainer
+
+    torch.manual_seed(seed)
+    datamodule, module = build_components(cfg)
+    return datamodule, module, make_trainer(cfg, run_dir)
 
 
 def config_options() -> list[tuple[str, str]]:

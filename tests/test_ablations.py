@@ -18,7 +18,7 @@ from moe_exp.ablations import (
 )
 from moe_exp.report import build_report, find_runs, group_runs, swept_parameters
 from moe_exp.reproduce import presets, sweeps
-from tests.conftest import run_cli
+from tests.conftest import TINY_DATA, run_cli
 
 
 def write_run(root: Path, name: str, overrides: list[str], status="completed", spec=None, **m):
@@ -199,7 +199,7 @@ PRESETS = {  # each preset reduced to 2 grid points (command-line sweeps win ove
 }  # fmt: skip
 # the other presets' claims compare 4+ grid points: reduced, each says "not checked"
 CHECKABLE_WHEN_REDUCED = {"ablation_balance", "shape_colour_specialisation", "strategies"}
-TINY = ["data.n_train=256", "data.n_val=128", "data.n_test=128", "trainer.max_epochs=1", "seed=0"]
+TINY = [*TINY_DATA, "trainer.max_epochs=1", "seed=0"]
 
 
 def test_every_ablation_preset_has_a_reduced_test():

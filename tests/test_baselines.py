@@ -14,12 +14,10 @@ from moe_exp.cost import flops_per_sample
 from moe_exp.errors import ConfigError
 from moe_exp.lit import router_parameters
 from moe_exp.models import DenseBaseline, match_width
-from moe_exp.run import make_trainer
 from moe_exp.strategies import JointStrategy
-from tests.conftest import QUICK, compose_config
+from tests.conftest import TINY, compose_config, seeded_build
 
 IN_SHAPE, CLASSES = (3, 32, 32), 16
-TINY = [*QUICK, "data.n_train=256", "data.n_val=128", "data.n_test=128", "threads=1"]
 
 
 def _model(overrides):
@@ -129,9 +127,7 @@ def early_stopped(tmp_path_factory):
             "callbacks.early_stopping.min_delta=1.0",
         ]
     )
-    torch.manual_seed(0)
-    datamodule, module = build_components(cfg)
-    trainer = make_trainer(cfg, run_dir)
+    datamodule, module, trainer = seeded_build(cfg, run_dir)
     JointStrategy().fit(trainer, module, datamodule)
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     return trainer, module, rows

@@ -7,26 +7,17 @@ import pytest
 import torch
 
 from moe_exp.build import build_components
-from moe_exp.config import validate
+from moe_exp.config import build, validate
 from moe_exp.errors import ConfigError
-from moe_exp.run import make_trainer
 from moe_exp.strategies import (
     EMStrategy,
-    HierarchicalStrategy,
     Partition,
     em_posteriors,
     stage_parameters,
 )
-from tests.conftest import compose_config, single_run_dir
+from tests.conftest import TINY, compose_config, seeded_build, single_run_dir
 
-SMALL = [
-    "experiment=quick",
-    "data.n_train=256",
-    "data.n_val=128",
-    "data.n_test=128",
-    "threads=1",
-    "expert=mlp",
-]
+SMALL = [*TINY, "expert=mlp"]
 TWO_STAGES = (
     "strategy.stages=[{train: experts, epochs: 1, lr: 0.01},"
     " {train: gate, epochs: 1, lr: 0.01, name: route}]"
@@ -69,14 +60,12 @@ class StageWatch(L.Callback):
         )
 
 
-def watched_fit(cfg, run_dir, strategy_class):
+def watched_fit(cfg, run_dir):
     """Train with the strategy, a StageWatch first among the callbacks (seeded)."""
-    torch.manual_seed(0)
-    datamodule, module = build_components(cfg)
-    trainer = make_trainer(cfg, run_dir)
+    datamodule, module, trainer = seeded_build(cfg, run_dir)
     watch = StageWatch()
     trainer.callbacks.insert(0, watch)
-    strategy = strategy_class(**{k: v for k, v in cfg.strategy.items() if k != "_target_"})
+    strategy = build(cfg.strategy)
     strategy.fit(trainer, module, datamodule)
     return trainer, module, watch
 
@@ -85,7 +74,7 @@ def watched_fit(cfg, run_dir, strategy_class):
 def staged_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("staged")
     cfg = compose_config([*SMALL, "strategy=hierarchical", TWO_STAGES])
-    trainer, _, watch = watched_fit(cfg, run_dir, HierarchicalStrategy)
+    trainer, _, watch = watched_fit(cfg, run_dir)
     return run_dir, watch.epochs, trainer
 
 
@@ -169,9 +158,7 @@ def test_kmeans_and_random_partitions_give_every_input_one_of_e_parts(kind):
 
 
 def test_a_model_without_a_separate_gate_is_refused(tmp_path):
-    cfg = compose_config([*SMALL, "model=vmoe"])
-    datamodule, module = build_components(cfg)
-    trainer = make_trainer(cfg, tmp_path)
+    datamodule, module, trainer = seeded_build(compose_config([*SMALL, "model=vmoe"]), tmp_path)
     with pytest.raises(ConfigError, match=r"VisionMoE does not support it.*model=mixture"):
         EMStrategy().fit(trainer, module, datamodule)
 
@@ -223,10 +210,8 @@ class ResumeWatch(L.Callback):
 
 def _staged(run_dir, stages=THREE_STAGES):
     cfg = compose_config([*SMALL, "strategy=hierarchical", stages])
-    torch.manual_seed(0)
-    datamodule, module = build_components(cfg)
-    trainer = make_trainer(cfg, run_dir)
-    strategy = HierarchicalStrategy(**{k: v for k, v in cfg.strategy.items() if k != "_target_"})
+    datamodule, module, trainer = seeded_build(cfg, run_dir)
+    strategy = build(cfg.strategy)
     return datamodule, module, trainer, strategy
 
 
@@ -263,7 +248,7 @@ def test_resuming_under_another_stage_plan_is_refused(tmp_path):
 # -- EM alternation schedule ------------------------------------------------------------
 def test_em_epoch_schedule_alternates_experts_and_gate_with_the_other_side_frozen(tmp_path):
     cfg = compose_config([*SMALL, "strategy=em", "strategy.schedule=epoch", "trainer.max_epochs=3"])
-    trainer, _, watch = watched_fit(cfg, tmp_path, EMStrategy)
+    trainer, _, watch = watched_fit(cfg, tmp_path)
     assert [e["stage"] for e in watch.epochs] == ["em_experts", "em_gate", "em_experts"]
     assert len(trainer.optimizers) == 2  # one per side, each kept across its epochs
     experts_epoch, gate_epoch, _ = watch.epochs
@@ -279,9 +264,7 @@ def test_em_batch_schedule_trains_both_sides_every_epoch_with_router_groups(tmp_
     cfg = compose_config(
         [*SMALL, "strategy=em", "optim.router_lr=0.01", "optim.router_weight_decay=0.5"]
     )
-    torch.manual_seed(0)
-    datamodule, module = build_components(cfg)
-    trainer = make_trainer(cfg, tmp_path)
+    datamodule, module, trainer = seeded_build(cfg, tmp_path)
     watch = StageWatch()
     trainer.callbacks.insert(0, watch)
     EMStrategy().fit(trainer, module, datamodule)

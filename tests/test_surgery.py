@@ -5,36 +5,27 @@ import pytest
 import torch
 
 from moe_exp.build import build_components
+from moe_exp.config import build
 from moe_exp.errors import ConfigError
 from moe_exp.moe.experts import CNNExpert, MLPExpert
-from moe_exp.run import make_trainer
-from moe_exp.strategies import HierarchicalStrategy, JointStrategy
+from moe_exp.strategies import JointStrategy
 from moe_exp.surgery import Surgery, expert_state, load_expert, resize_router
-from tests.conftest import compose_config
+from tests.conftest import TINY, compose_config, seeded_build
 
 # CNN experts: BatchNorm buffers too must survive a frozen run untouched.
-TINY = [
-    "experiment=quick",
-    "data.n_train=256",
-    "data.n_val=128",
-    "data.n_test=128",
-    "threads=1",
-    "expert.width=8",
-]
+CNN_TINY = [*TINY, "expert.width=8"]
 
 
 def _overrides(*extra):
-    return [*TINY, *extra]
+    return [*CNN_TINY, *extra]
 
 
 def _train(run_dir, *extra, epochs=1, before_fit=None):
     """Build (seed 0) and fit jointly; ``before_fit(module)`` sees the module untrained."""
     cfg = compose_config(_overrides(f"trainer.max_epochs={epochs}", *extra))
-    torch.manual_seed(0)
-    datamodule, module = build_components(cfg)
+    datamodule, module, trainer = seeded_build(cfg, run_dir)
     if before_fit is not None:
         before_fit(module)
-    trainer = make_trainer(cfg, run_dir)
     JointStrategy().fit(trainer, module, datamodule)
     return module, trainer
 
@@ -180,9 +171,8 @@ def _hierarchical(run_dir, tmp_path, train):
             STAGES,
         )
     )
-    datamodule, module = build_components(cfg)
-    trainer = make_trainer(cfg, tmp_path)
-    strategy = HierarchicalStrategy(**{k: v for k, v in cfg.strategy.items() if k != "_target_"})
+    datamodule, module, trainer = seeded_build(cfg, tmp_path)
+    strategy = build(cfg.strategy)
     return strategy, trainer, module, datamodule
 
 
