@@ -280,6 +280,18 @@ def _range_problems(cfg: DictConfig, typed: dict[str, dict[str, Any]], skip: set
     return problems
 
 
+def check_ranges(section: str, values: dict[str, Any]) -> None:
+    """Raise one ConfigError naming every value outside its ``RANGES`` rule, in the runner's
+    words: for objects built straight from the library, where :func:`validate` never ran."""
+    problems = [
+        f"{section}.{key}={rule.show(value)} must be {_short(rule, value)}"
+        for key, value in values.items()
+        if not (rule := RANGES[key]).allows(value)
+    ]
+    if problems:
+        raise ConfigError(f"Invalid {section} options: " + "; ".join(problems) + ".")
+
+
 def _short(rule: Range, value: Any) -> str:
     """'>= 1' for an int below a plain count and '> 0' for plain rates (the messages users
     know), else the full description."""

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_exp.config import check_ranges
 from moe_exp.data.in_memory import InMemoryDataModule, Split
 from moe_exp.data.splits import stratified_take
-from moe_exp.errors import ConfigError, DataNotFoundError
+from moe_exp.errors import DataNotFoundError
 
 DIGIT_NAMES = [str(d) for d in range(10)]
 
@@ -25,8 +26,7 @@ class PooledDataModule(InMemoryDataModule):
 
     def __init__(self, test_fraction: float = 0.2, split_seed: int = 0, **common) -> None:
         super().__init__(**common)
-        if not 0.0 < test_fraction < 1.0:
-            raise ConfigError(f"data.test_fraction={test_fraction} must be in (0, 1)")
+        check_ranges("data", {"test_fraction": test_fraction})
         self.test_fraction = test_fraction
         self.split_seed = split_seed
 

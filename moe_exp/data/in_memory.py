@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from moe_exp.config import check_ranges
 from moe_exp.data.splits import flip_labels, stratified_take
 from moe_exp.data.transforms import BatchAugment
 from moe_exp.errors import ConfigError
@@ -97,20 +98,20 @@ class InMemoryDataModule(L.LightningDataModule):
         crop_padding: int | None = None,
     ) -> None:
         super().__init__()
-        problems = []
-        if not 0.0 < val_fraction < 1.0:
-            problems.append(f"data.val_fraction={val_fraction} must be in (0, 1)")
-        if not 0.0 < train_fraction <= 1.0:
-            problems.append(f"data.train_fraction={train_fraction} must be in (0, 1]")
-        if not 0.0 <= label_noise < 1.0:
-            problems.append(f"data.label_noise={label_noise} must be in [0, 1)")
-        for key, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-            if value is not None and value < 1:
-                problems.append(f"data.{key}={value} must be >= 1 (or null for all)")
-        if eval_batch_size < 1:
-            problems.append(f"data.eval_batch_size={eval_batch_size} must be >= 1")
-        if problems:
-            raise ConfigError("Invalid data options: " + "; ".join(problems) + ".")
+        check_ranges(
+            "data",
+            {
+                "batch_size": batch_size,
+                "eval_batch_size": eval_batch_size,
+                "val_fraction": val_fraction,
+                "train_fraction": train_fraction,
+                "label_noise": label_noise,
+                "n_train": n_train,
+                "n_val": n_val,
+                "n_test": n_test,
+                "crop_padding": crop_padding,
+            },
+        )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moe_exp.config import check_ranges
 from moe_exp.data.in_memory import InMemoryDataModule, Split
 from moe_exp.data.splits import class_ranks
 from moe_exp.errors import ConfigError
@@ -136,9 +137,15 @@ def generate_shapes(
     _check("num_colours", num_colours, 1 <= num_colours <= len(COLOURS),
            f"must be in [1, {len(COLOURS)}] ({', '.join(COLOURS)})")  # fmt: skip
     _check("image_size", image_size, image_size >= 8, "must be >= 8")
-    _check("noise", noise, noise >= 0, "must be >= 0")
-    _check("colour_jitter", colour_jitter, colour_jitter >= 0, "must be >= 0")
-    _check("clutter", clutter, clutter >= 0, "must be >= 0 (distractors per image)")
+    check_ranges(
+        "data",
+        {
+            "noise": noise,
+            "colour_jitter": colour_jitter,
+            "clutter": clutter,
+            "cluster_fraction": cluster_fraction,
+        },
+    )
     lo, hi = size_range
     _check(
         "size_min/size_max", (lo, hi), 0 < lo <= hi <= 0.9, "needs 0 < size_min <= size_max <= 0.9"
@@ -146,9 +153,6 @@ def generate_shapes(
     for kind in clusters:
         _check("clusters", list(clusters), kind in CLUSTER_TRANSFORMS,
                f"each must be one of {', '.join(CLUSTER_TRANSFORMS)}")  # fmt: skip
-    _check(
-        "cluster_fraction", cluster_fraction, 0.0 <= cluster_fraction <= 1.0, "must be in [0, 1]"
-    )
 
     g = torch.Generator().manual_seed(seed)
     joint = torch.arange(n) % (num_shapes * num_colours)

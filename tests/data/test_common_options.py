@@ -138,11 +138,11 @@ def test_augment_runs_on_training_batches_only():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"label_noise": 1.0}, "data.label_noise=1.0 must be in [0, 1)"),
-        ({"train_fraction": 0.0}, "data.train_fraction=0.0 must be in (0, 1]"),
-        ({"val_fraction": 1.0}, "data.val_fraction=1.0 must be in (0, 1)"),
+        ({"label_noise": 1.0}, "data.label_noise=1.0 must be a number in [0, 1)"),
+        ({"train_fraction": 0.0}, "data.train_fraction=0.0 must be a number in (0, 1]"),
+        ({"val_fraction": 1.0}, "data.val_fraction=1.0 must be a number in (0, 1)"),
         ({"augment": "mixup"}, "data.augment='mixup' is not one of none, flip, crop, flip_crop"),
-        ({"n_test": 0}, "data.n_test=0 must be >= 1"),
+        ({"n_test": 0}, "data.n_test=0 must be an integer >= 1 or null"),
     ],
 )
 def test_bad_common_options_name_the_key(kwargs, message):
