@@ -1,7 +1,9 @@
 """Grouped experts: E same-shaped MLPs with stacked weights, computed in one call.
 
-The layer hands :meth:`MLPExpertBank.forward_grouped` the inputs sorted by expert and each
-expert's block size (the ``GroupedExperts`` protocol of :mod:`moe_exp.moe.layer`).
+The layer asks the bank where each expert's rows go (:meth:`MLPExpertBank.layout`), gathers
+the routed inputs straight into that buffer and calls :meth:`MLPExpertBank.forward_laid_out`
+(the ``LaidOutExperts`` protocol of :mod:`moe_exp.moe.layer`); ``forward_grouped`` takes
+inputs already sorted by expert (the plain ``GroupedExperts`` protocol).
 
 How the experts run (measured on a 2-vCPU x86 machine, d=256, hidden=512, 4096 tokens,
 forward+backward, ``benchmarks/bench_layer.py``): one autograd Function per linear layer
@@ -13,7 +15,7 @@ bank alone, E=64, k=1 (64 rows per expert), went from 1.73 to 1.41× the dense M
 and E=16 (256 rows) from 1.14 to 1.08. Padding every expert to the largest block, one ``bmm``
 in all, lost to the loop: uneven routing makes most padded rows wasted FLOPs. What is left
 at large E is the BLAS on blocks of few rows with many distinct weights; the benchmark's
-``expert_matmuls`` table measures it.
+``matmul_floor`` table measures it.
 """
 
 from __future__ import annotations
