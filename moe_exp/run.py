@@ -134,31 +134,24 @@ def objective_value(cfg: DictConfig, results: Mapping[str, Any]) -> float | list
 
 
 # what fixes the length of the learning-rate schedule a checkpoint's scheduler state holds
+# (total steps = epochs x batches per epoch)
 SCHEDULE_KEYS = (
     "trainer.max_epochs",
     "trainer.max_steps",
     "trainer.accumulate_grad_batches",
+    "trainer.limit_train_batches",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "data._target_",
     "data.n_train",
+    "data.train_fraction",
+    "data.val_fraction",
     "data.batch_size",
     "optim.scheduler",
 )
 
 
 def _check_resume_folder(folder: Path, run_dir: Path, cfg: DictConfig) -> None:
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        before = OmegaConf.load(saved)
-        changed = [
-            f"{key}={OmegaConf.select(cfg, key)} (the run has {OmegaConf.select(before, key)})"
-            for key in SCHEDULE_KEYS
-            if OmegaConf.select(cfg, key) != OmegaConf.select(before, key)
-        ]
-        if changed:
-            raise ConfigError(
-                f"resume={folder} cannot change {', '.join(changed)}: the checkpoint's "
-                "learning-rate schedule spans the run's original length. Resume without it, "
-                "or start a new run."
-            )
     if folder.resolve() != run_dir.resolve():
         raise ConfigError(
             f"resume={folder} must run in that folder, but this run's folder is {run_dir}: "
@@ -168,6 +161,30 @@ def _check_resume_folder(folder: Path, run_dir: Path, cfg: DictConfig) -> None:
         raise MoeExpError(
             f"resume={folder}: there is no checkpoints/last.ckpt to continue from (the run "
             "stopped before its first checkpoint, or was killed with SIGKILL); start it anew"
+        )
+    _check_same_schedule(folder, run_dir / "config.yaml", cfg)
+
+
+def _check_same_schedule(folder: Path, saved: Path, cfg: DictConfig) -> None:
+    """A resume must keep the schedule's length: the checkpoint's OneCycle/cosine state has
+    the original total steps, and stepping past them fails late (after files are written)."""
+    if not saved.is_file():
+        return
+    before = OmegaConf.load(saved)
+    if {OmegaConf.select(c, "optim.scheduler") for c in (cfg, before)} == {"none"}:
+        return  # a constant learning rate: no length to keep
+    missing = object()
+    changed = [
+        f"{key}={OmegaConf.select(cfg, key)} (the run has {old})"
+        for key in SCHEDULE_KEYS
+        if (old := OmegaConf.select(before, key, default=missing)) is not missing
+        and OmegaConf.select(cfg, key) != old
+    ]
+    if changed:
+        raise ConfigError(
+            f"resume={folder} cannot change {', '.join(changed)}: the checkpoint's "
+            "learning-rate schedule spans the run's original length. Resume without it, "
+            "or start a new run."
         )
 
 
@@ -238,7 +255,9 @@ def make_trainer(
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    rows = _carry_csv_rows(run_dir, _first_epoch_after(resume_from)) if resume_from else []
+    # rank 0 alone: the CSV logger writes nothing on the others (its experiment is a dummy)
+    carry = resume_from and global_rank() == 0
+    rows = _carry_csv_rows(run_dir, _first_epoch_after(resume_from)) if carry else []
     loggers = [build(node, save_dir=str(run_dir)) for node in (cfg.get("logger") or {}).values()]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

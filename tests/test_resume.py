@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from moe_exp.build import build_components
 from moe_exp.checkpoints import SHOWN_MISMATCHES, check_fits, load_checkpoint
 from moe_exp.cli import resume_argv
-from moe_exp.errors import MoeExpError
+from moe_exp.errors import ConfigError, MoeExpError
+from moe_exp.run import _check_same_schedule, _first_epoch_after
 from tests.conftest import CLI, QUICK, compose_config, run_cli, single_run_dir
 
 # Two epochs of 32 batches: the kill lands inside the second epoch.
@@ -192,6 +193,42 @@ def test_the_carried_rows_are_back_on_disk_before_training(tmp_path):
     make_trainer(compose_config(QUICK), tmp_path, resume_from={"epoch": 1})
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [(r["epoch"], r["val/acc"]) for r in rows] == [("0", "0.5")]
+
+
+def test_the_first_epoch_after_a_checkpoint_follows_the_fit_loop_progress():
+    def saved(epoch, processed):
+        progress = {"current": {"processed": processed}}
+        return {"epoch": epoch, "loops": {"fit_loop": {"epoch_progress": progress}}}
+
+    assert _first_epoch_after(saved(1, 1)) == 1  # stopped inside epoch 1: it runs again
+    assert _first_epoch_after(saved(0, 1)) == 1  # saved at epoch 0's end: epoch 1 is next
+    assert _first_epoch_after({"epoch": 2}) == 2  # no loop state: the saved epoch
+
+
+def test_a_resume_on_another_rank_leaves_the_metrics_to_rank_0(tmp_path, monkeypatch):
+    """In DDP every rank builds a Trainer; the CSV logger writes on rank 0 only."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from moe_exp.run import make_trainer
+
+    text = "epoch,step,val/acc\n0,31,0.5\n1,63,0.75\n"
+    (tmp_path / "metrics.csv").write_text(text)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    make_trainer(compose_config(QUICK), tmp_path, resume_from={"epoch": 1})
+    assert (tmp_path / "metrics.csv").read_text() == text
+
+
+def test_the_schedule_check_skips_constant_rates_and_keys_an_old_run_lacks(tmp_path):
+    saved = tmp_path / "config.yaml"
+    OmegaConf.save(compose_config([*QUICK, "optim.scheduler=none"]), saved)
+    longer = compose_config([*QUICK, "optim.scheduler=none", "trainer.max_epochs=3"])
+    _check_same_schedule(tmp_path, saved, longer)  # no schedule: any length resumes
+    cfg = compose_config(QUICK)
+    OmegaConf.save(OmegaConf.masked_copy(cfg, ["optim", "trainer"]), saved)  # no data section
+    _check_same_schedule(tmp_path, saved, compose_config([*QUICK, "data.batch_size=32"]))
+    with pytest.raises(ConfigError, match=r"trainer\.max_epochs=3 \(the run has 1\)"):
+        _check_same_schedule(tmp_path, saved, compose_config([*QUICK, "trainer.max_epochs=3"]))
 
 
 # -- kill and resume ------------------------------------------------------------------------

@@ -118,6 +118,8 @@ def grouped_linear(
 ) -> Tensor:
     """Per-expert affine maps of row blocks: sorted by expert (``counts`` rows each) or placed
     by a layout (see :class:`GroupedLinear`)."""
+    if x.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x must be [rows, {weight.shape[1]}], got {list(x.shape)}")
     layout = counts if isinstance(counts, ExpertLayout) else ExpertLayout.contiguous(counts)
     if layout.rows != x.shape[0]:
         raise ValueError(f"counts sum to {layout.rows} but x has {x.shape[0]} rows")

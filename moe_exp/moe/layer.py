@@ -93,9 +93,9 @@ def dispatch_combine(
         raise RuntimeError("no input was routed to any expert")
     laid_out = isinstance(experts, LaidOutExperts)
     layout = experts.layout(x, counts) if laid_out else ExpertLayout.contiguous(counts)
-    # padding rows of the layout read input row 0 and get weight 0, so they add exactly
-    # nothing to the output or to any gradient
-    rows_in, weights_in = layout.pad(rows), layout.pad(weights)
+    # padding rows of the layout repeat a real row of their expert with weight 0: they add
+    # exactly nothing to the output or to any gradient
+    rows_in, weights_in = layout.place(rows), layout.pad(weights)
     # index_select, not x[rows]: its backward is an index_add_, where advanced indexing's is
     # an accumulating index_put_ (forward+backward on [4096, 256], 2 threads: 2.4 vs 3.7 ms)
     x_in = x.index_select(0, rows_in)

@@ -24,12 +24,14 @@ class ExpertLayout:
     products over its threads, where it splits one product of few rows poorly (on 2 threads,
     64-row blocks reach ~105 GFLOP/s one by one but ~135 in pairs; a 4096-row block: ~170).
     ``positions`` maps each row sorted by expert to its row in the buffer (None: the buffer
-    is the sorted rows themselves, no padding).
+    is the sorted rows themselves, no padding); ``sources`` maps each buffer row to the
+    sorted row it reads, a padding row its own expert's last real row (see :meth:`place`).
     """
 
     groups: list[Group]
     rows: int
     positions: Tensor | None = None
+    sources: Tensor | None = None
 
     @staticmethod
     def contiguous(counts: Sequence[int]) -> ExpertLayout:
@@ -60,7 +62,20 @@ class ExpertLayout:
         )
         shift = torch.tensor(pad_start, device=device) - starts
         positions = torch.arange(sum(counts), device=device) + shift[expert_of_row]
-        return ExpertLayout(groups, row, positions)
+        # each expert's block is its real rows, then its padding: a padding row reads the
+        # last real row before it (a running max over the real rows' buffer indices)
+        sorted_row = torch.zeros(row, dtype=torch.long, device=device)
+        sorted_row[positions] = torch.arange(sum(counts), device=device)
+        is_real = torch.zeros(row, dtype=torch.long, device=device)
+        is_real[positions] = 1
+        last_real = (torch.arange(row, device=device) * is_real).cummax(0).values
+        return ExpertLayout(groups, row, positions, sorted_row[last_real])
+
+    def place(self, sorted_values: Tensor) -> Tensor:
+        """Values per sorted row at their buffer rows; a padding row repeats its expert's
+        last real row, so it computes nothing a real row of that expert does not (no inf or
+        NaN of its own), and weighted 0 it adds exactly nothing."""
+        return sorted_values if self.sources is None else sorted_values[self.sources]
 
     def pad(self, sorted_values: Tensor, fill: float = 0) -> Tensor:
         """Values per sorted row placed at their buffer rows; padding rows get ``fill``.

@@ -50,7 +50,9 @@ def test_bank_equals_linear_experts_in_outputs_and_gradients(k, threads):
     routing.indices = routing.indices.masked_fill(routing.indices == 3, 0)
 
     counts = torch.bincount(routing.indices.flatten(), minlength=E).tolist()
-    assert (bank.layout(x, counts).positions is not None) == (threads == 2)
+    layout = bank.layout(x, counts)
+    assert (layout.positions is not None) == (threads == 2)
+    assert (layout.rows > sum(counts)) == (threads == 2)  # the padding path is exercised
 
     y = dispatch_combine(x, routing, bank)
     loss = (y * torch.linspace(-1, 1, OUT)).square().sum()
@@ -74,6 +76,51 @@ def test_bank_equals_linear_experts_in_outputs_and_gradients(k, threads):
     torch.testing.assert_close(g_bank[3], torch.stack([w.t() for _, _, w, _ in per_expert]))
     torch.testing.assert_close(g_bank[4], torch.stack([b for _, _, _, b in per_expert]))
     assert g_bank[1][3].abs().sum() == 0 and g_bank[4][3].abs().sum() == 0
+
+
+def test_dropped_assignments_transform_and_predictions_match_linear_experts(threads):
+    torch.manual_seed(3)
+    bank = MLPExpertBank(E, D, H, OUT)
+    modules = as_modules(bank)
+    x = torch.randn(N, D, requires_grad=True)
+    routing = TopKGate(D, E, k=2, capacity_factor=0.6)(x)
+    assert routing.dropped > 0  # capacity-dropped assignments carry index -1
+    outs = {}
+    for name, experts in (("bank", bank), ("modules", modules)):
+        y = dispatch_combine(
+            x, routing, experts, lambda t: t.log_softmax(-1), record_predictions=True
+        )
+        outs[name] = (
+            y,
+            torch.autograd.grad(y.square().sum(), x, retain_graph=True)[0],
+            routing.expert_predictions,
+        )
+    (y, gx, (rows, ids, pred)), (y_ref, gx_ref, (rows_ref, ids_ref, pred_ref)) = outs.values()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(rows, rows_ref) and torch.equal(ids, ids_ref) and torch.equal(pred, pred_ref)
+
+
+def test_padding_rows_add_no_inf_or_nan_of_their_own():
+    """Expert 4 overflows to inf on every input. Its padding rows must not turn an input it
+    was not given (row 0, routed to expert 0) into NaN via inf · 0."""
+    torch.manual_seed(6)
+    bank = MLPExpertBank(E, D, H, OUT)
+    with torch.no_grad():
+        bank.b2[4].fill_(float("inf"))
+    x = torch.randn(N, D)
+    routing = TopKGate(D, E, k=1)(x)
+    counts = [12, 0, 20, 9, 7]  # pairs (2, 0) and (3, 4): expert 4 is padded from 7 to 9 rows
+    routing.indices = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))[:, None]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert bank.layout(x, counts).rows > N
+        y = dispatch_combine(x, routing, bank)
+    finally:
+        torch.set_num_threads(before)
+    finite = y.isfinite().all(-1)
+    assert finite[:41].all() and not finite[41:].any()  # rows 41-47 are expert 4's
 
 
 def test_bank_equals_dense_masked_reference():
@@ -109,6 +156,12 @@ def test_paired_layout_pairs_nearest_counts_padded_to_the_larger():
     assert layout.groups == [((2, 3), 5, 0), ((0, 4), 3, 10)] and layout.rows == 16
     expert0, expert2, expert3, expert4 = [10, 11, 12], [0, 1, 2, 3, 4], [5, 6, 7, 8], [13]
     assert layout.positions.tolist() == expert0 + expert2 + expert3 + expert4
+    # sorted rows: expert 0 = 0-2, 2 = 3-7, 3 = 8-11, 4 = 12; a padding row repeats its
+    # expert's last real row (buffer 9: expert 3's pad; 13-15: expert 4's... and 0's)
+    assert layout.sources.tolist() == [3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 0, 1, 2, 12, 12, 12]
+    torch.testing.assert_close(
+        layout.place(torch.arange(13.0))[layout.positions], torch.arange(13.0)
+    )
 
 
 def test_paired_layout_computes_what_one_matmul_per_expert_computes():
