@@ -209,7 +209,8 @@ def test_bank_pairs_experts_only_when_blocks_are_small():
     torch.set_num_threads(2)
     try:
         assert bank.layout(x, [12, 0, 20, 9, 7]).positions is not None
-        assert bank.layout(x, [600, 0, 600, 600, 600]).positions is None
+        assert bank.layout(x, [600, 0, 600, 600, 700]).positions is not None
+        assert bank.layout(x, [1100, 0, 1100, 1100, 1100]).positions is None
     finally:
         torch.set_num_threads(threads)
 
