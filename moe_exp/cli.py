@@ -29,7 +29,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from moe_exp.config import override_key
+from moe_exp.config import check_launch, override_key
 
 RESUME_KEY = "resume"
 _PLAIN_PATH = re.compile(r"^[\w/.\-~:]+$")
@@ -147,8 +147,6 @@ class SweepGuard(Callback):
     before the first job would create it)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from moe_exp.config import check_launch
-
         launcher = OmegaConf.select(config, "hydra.launcher._target_", default="") or ""
         check_launch(config, multirun=True, launcher_target=str(launcher))
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
@@ -159,10 +157,9 @@ def _app(cfg: DictConfig) -> float | list[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from moe_exp.config import check_launch
-
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    # again per job: a sweep over trainer options makes DDP in a job, not in the base config
     check_launch(cfg, multirun=multirun, launcher_target=str(hc.launcher.get("_target_", "")))
     notes: dict[str, Any] = {}
     threads = thread_share(int(cfg.threads), hc.launcher)

@@ -320,10 +320,13 @@ class MoEClassifierModule(L.LightningModule):
         routing = {id(p) for p in router_parameters(self.model)}
         params = [p for p in params if p.requires_grad]
         groups = [
-            {"params": [p for p in params if id(p) in routing], "lr": router_lr or lr},
-            {"params": [p for p in params if id(p) not in routing], "lr": lr},
+            {
+                "params": [p for p in params if id(p) in routing],
+                "lr": router_lr or lr,
+                "weight_decay": router_wd,
+            },
+            {"params": [p for p in params if id(p) not in routing], "lr": lr, "weight_decay": wd},
         ]
-        groups[0]["weight_decay"], groups[1]["weight_decay"] = router_wd, wd
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:

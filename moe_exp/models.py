@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_exp.cost import count_flops
+from moe_exp.cost import count_flops, flops_per_sample
 from moe_exp.moe import MoE, Regularizer, Routing
 from moe_exp.moe.bank import ACTIVATIONS, MLPExpertBank
 from moe_exp.moe.experts import build_experts, first_kind
@@ -408,8 +408,6 @@ class DenseBaseline(nn.Module):
                 shared_experts=shared_experts,
             )
             if match == "flops":
-                from moe_exp.cost import flops_per_sample
-
                 probe = torch.randn(32, *in_shape, generator=torch.Generator().manual_seed(0))
                 target = flops_per_sample(reference, probe)["flops_active"]
             else:

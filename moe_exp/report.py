@@ -290,6 +290,7 @@ def _plots(groups: list[Group], swept: list[str], metrics: Sequence[str], out: P
 
 
 def print_table(table: dict[str, Any], title: str) -> None:
+    """The table in the terminal, then each ablation verdict on a line of its own."""
     from rich.console import Console
     from rich.table import Table
 
@@ -300,6 +301,8 @@ def print_table(table: dict[str, Any], title: str) -> None:
         style = None if cells[-1].endswith("completed") and "," not in cells[-1] else "red"
         rich_table.add_row(*cells, style=style)
     Console(width=max(120, 14 * len(table["header"]))).print(rich_table)
+    for v in table["verdicts"]:
+        print(f"{v.label.upper()}: {v.claim}. {v.evidence}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -317,8 +320,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out or args.paths[0]
     table = build_report(args.paths, out, args.metrics, plots=not args.no_plots)
     print_table(table, f"{table['runs']} runs; swept: {', '.join(table['swept']) or 'nothing'}")
-    for v in table["verdicts"]:
-        print(f"{v.label.upper()}: {v.claim}. {v.evidence}")
     print(
         f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'runs.csv'}"
         f" and {len(table['plots'])} plots"

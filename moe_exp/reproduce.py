@@ -52,8 +52,6 @@ def reproduce(preset: str, root: Path, extra: Sequence[str] = ()) -> Path:
             print(f"{preset}: some jobs did not complete (the report lists them)", flush=True)
     table = build_report([folder], folder)
     print_table(table, f"{preset}: {table['runs']} runs")
-    for v in table["verdicts"]:
-        print(f"{v.label.upper()}: {v.claim}. {v.evidence}")
     print(f"wrote {folder / 'report.md'}", flush=True)
     return folder
 

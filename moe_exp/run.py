@@ -160,7 +160,8 @@ def _check_resume_folder(folder: Path, run_dir: Path, cfg: DictConfig) -> None:
     if not (folder / "checkpoints" / "last.ckpt").is_file():
         raise MoeExpError(
             f"resume={folder}: there is no checkpoints/last.ckpt to continue from (the run "
-            "stopped before its first checkpoint, or was killed with SIGKILL); start it anew"
+            "stopped before the end of its first epoch without a SIGTERM or Ctrl+C); start it "
+            "anew"
         )
     _check_same_schedule(folder, run_dir / "config.yaml", cfg)
 

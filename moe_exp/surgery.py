@@ -179,12 +179,16 @@ class Surgery:
                 raise ConfigError(
                     f"surgery.graft entry {dict(entry)} needs exactly the keys from, expert, into"
                 )
-        edits = self.replace or self.remove or self.add or self.graft
-        if edits and not self.init_from:
+        if self.edits and not self.init_from:
             raise ConfigError(
                 "surgery.replace/remove/add/graft operate on a trained mixture: set "
                 "surgery.init_from to its run folder or .ckpt"
             )
+
+    @property
+    def edits(self) -> bool:
+        """Whether the mixture's experts change (replaced, removed, added or grafted)."""
+        return bool(self.replace or self.remove or self.add or self.graft)
 
     @property
     def active(self) -> bool:
@@ -207,7 +211,7 @@ class Surgery:
         in_shape = tuple(in_shape)
         if self.init_from:
             self._load(model, self.init_from)
-        if not (self.replace or self.remove or self.add or self.graft) and "all" in self.train:
+        if not self.edits and "all" in self.train:
             return []  # a warm start: any model
         experts = _experts(model)
         e0 = len(experts)
@@ -291,7 +295,7 @@ class Surgery:
         model.moe = MoE(
             new_router,
             experts,
-            {name: reg for name, reg in old.regularizers.items()},
+            dict(old.regularizers),
             transform=old.transform,
             record_predictions=old.record_predictions,
         )

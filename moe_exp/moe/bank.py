@@ -171,8 +171,7 @@ class MLPExpertBank(nn.Module):
 
     def forward_grouped(self, x_sorted: Tensor, counts: Sequence[int]) -> Tensor:
         layout = self.layout(x_sorted, counts)
-        # padding rows read zeros (finite), and their outputs are dropped
-        return layout.unpad(self.forward_laid_out(layout.pad(x_sorted), layout))
+        return layout.unpad(self.forward_laid_out(layout.place(x_sorted), layout))
 
     def forward_laid_out(self, x_in: Tensor, layout: ExpertLayout) -> Tensor:
         """The experts on rows already placed by ``layout`` (see :meth:`layout`); the output

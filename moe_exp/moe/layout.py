@@ -75,7 +75,9 @@ class ExpertLayout:
         """Values per sorted row at their buffer rows; a padding row repeats its expert's
         last real row, so it computes nothing a real row of that expert does not (no inf or
         NaN of its own), and weighted 0 it adds exactly nothing."""
-        return sorted_values if self.sources is None else sorted_values[self.sources]
+        if self.sources is None:
+            return sorted_values
+        return sorted_values.index_select(0, self.sources)  # backward: index_add, not index_put
 
     def pad(self, sorted_values: Tensor, fill: float = 0) -> Tensor:
         """Values per sorted row placed at their buffer rows; padding rows get ``fill``.
