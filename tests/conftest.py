@@ -4,12 +4,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from moe_exp.cli import compose, config_dir
 
 CLI = str(Path(sys.executable).parent / "moe-exp")
 # A tiny, fast run: small data, one epoch, no checkpoint-worthy training.
 QUICK = ["experiment=quick"]
+# The same as overrides, for presets that take the experiment slot themselves
+QUICK_KEYS = [
+    f"{section}.{key}={value}"
+    for section, values in OmegaConf.load(Path(config_dir()) / "experiment" / "quick.yaml").items()
+    for key, value in values.items()
+]
 # Smaller still, on one thread: in-process fits of a few batches.
 TINY_DATA = ["data.n_train=256", "data.n_val=128", "data.n_test=128"]
 TINY = [*QUICK, *TINY_DATA, "threads=1"]
@@ -57,6 +64,12 @@ def single_run_dir(root: Path) -> Path:
     return summary.parent
 
 
+def single_sweep_dir(root: Path) -> Path:
+    """The folder of the one multirun a test started under ``root`` (its cwd)."""
+    (sweep,) = root.glob("outputs/multiruns/*/*")
+    return sweep
+
+
 @pytest.fixture
 def cli(tmp_path):
     return lambda *args, **kw: run_cli(*args, cwd=tmp_path, **kw)
@@ -68,5 +81,4 @@ def quick_sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
     out = run_cli("-m", *QUICK, "gate=topk,noisy_topk", "seed=0,1", cwd=root)
     assert out.returncode == 0, out.stderr
-    (sweep,) = root.glob("outputs/multiruns/*/*")
-    return sweep
+    return single_sweep_dir(root)

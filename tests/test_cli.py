@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICK, single_run_dir
+from tests.conftest import QUICK, single_run_dir, single_sweep_dir
 
 METRIC_KEYS = (
     "test/acc",
@@ -191,7 +191,7 @@ def test_a_diverging_job_stops_with_a_message_and_the_sweep_goes_on(cli, tmp_pat
     assert out.returncode != 0  # non-zero, after every job ran
     assert "Training diverged: the loss became nan" in out.stderr
     assert "Traceback" not in out.stderr
-    (sweep,) = tmp_path.glob("outputs/multiruns/*/*")
+    sweep = single_sweep_dir(tmp_path)
     statuses = {}
     for path in sweep.glob("*/summary.json"):
         data = json.loads(path.read_text())

@@ -14,16 +14,16 @@ from omegaconf import OmegaConf
 from moe_exp.cli import parallel_jobs, thread_share
 from moe_exp.config import check_launch, strategy_launches_scripts
 from moe_exp.errors import ConfigError
-from tests.conftest import QUICK, compose_config, run_cli, single_run_dir
+from tests.conftest import (
+    QUICK,
+    QUICK_KEYS,
+    compose_config,
+    run_cli,
+    single_run_dir,
+    single_sweep_dir,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK_KEYS = [  # experiment=quick, for presets that take the experiment slot themselves
-    "data.n_train=512",
-    "data.n_val=256",
-    "data.n_test=256",
-    "data.batch_size=64",
-    "trainer.max_epochs=1",
-]
 JOBLIB = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"}
 
 
@@ -68,7 +68,7 @@ def test_a_joblib_sweep_runs_both_jobs_with_capped_threads(tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    (sweep,) = tmp_path.glob("outputs/multiruns/*/*")
+    sweep = single_sweep_dir(tmp_path)
     done = summaries(sweep)
     assert [d["status"] for d in done] == ["completed", "completed"]
     assert [d["threads"] for d in done] == [max(1, cpus // 2)] * 2
@@ -214,7 +214,7 @@ def test_the_optuna_search_preset_maximises_val_acc_with_sqlite_storage(tmp_path
         "experiment=search_noisy_topk", *QUICK_KEYS, "hydra.sweeper.n_trials=2", cwd=tmp_path
     )
     assert out.returncode == 0, out.stderr
-    (sweep,) = tmp_path.glob("outputs/multiruns/*/*")
+    sweep = single_sweep_dir(tmp_path)
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["name"] == "optuna"
     assert set(result["best_params"]) == {
@@ -244,7 +244,7 @@ def test_a_diverged_trial_does_not_stop_the_search(tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    (sweep,) = tmp_path.glob("outputs/multiruns/*/*")
+    sweep = single_sweep_dir(tmp_path)
     statuses = sorted(d["status"] for d in summaries(sweep))
     assert statuses == ["completed", "diverged"]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
