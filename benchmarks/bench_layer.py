@@ -4,8 +4,9 @@ MoE: top-k gate + ``MLPExpertBank`` (d → hidden → d, GELU), N tokens, no cap
 Ideal dense: one MLP d → k·hidden → d on the same N tokens (the same matmul FLOPs as k
 experts per token). Forward + backward (the input requires grad, as inside a network),
 the two interleaved in one process (A B A B ...), medians over repeats. The ratio
-MoE/dense is what routing costs: the router matmul, top-k, the argsort, the gather x[rows],
-the weighting and the index_add scatter, and E smaller matmuls instead of one big one.
+MoE/dense is what routing costs: the router matmul, top-k, the argsort, the gather into the
+experts' layout, the weighting and the index_add scatter, and E smaller matmuls instead of
+one big one.
 ``--profile`` breaks each MoE point's time down by op kind (torch.profiler, self CPU time).
 
 Also times the matmuls alone (``matmul_floor``): the experts' six forward + backward
