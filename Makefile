@@ -49,7 +49,7 @@ bench: install ## benchmarks: default run end to end, Lightning vs bare loop
 ABLATIONS ?=
 
 ablations: install ## run the ablation presets (all, or ABLATIONS="a b") and their verdicts
-	$(BIN)/python -m moe_exp.reproduce $(ABLATIONS)
+	$(BIN)/python -m moe_exp.analysis.reproduce $(ABLATIONS)
 
 sync: install ## upload offline W&B runs under outputs/ (needs a network and WANDB_API_KEY)
 	@runs=$$(find outputs -type d -name 'offline-run-*' 2>/dev/null); \

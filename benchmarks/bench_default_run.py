@@ -50,10 +50,10 @@ def throughput(epochs: int = 1) -> tuple[float, float]:
     """Samples/s of one training epoch: (Lightning, bare loop), same model, data, optimiser."""
     import lightning as L
 
-    from moe_exp.build import build_components
-    from moe_exp.callbacks import LineProgressBar
-    from moe_exp.cli import compose
-    from moe_exp.run import _quiet_lightning
+    from moe_exp.app.build import build_components
+    from moe_exp.app.cli import compose
+    from moe_exp.app.run import _quiet_lightning
+    from moe_exp.training.callbacks import LineProgressBar
 
     _quiet_lightning()
     cfg = compose()

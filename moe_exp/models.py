@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_exp.cost import count_flops, flops_per_sample
+from moe_exp.measure.cost import count_flops, flops_per_sample
 from moe_exp.moe import MoE, Regularizer, Routing
 from moe_exp.moe.bank import ACTIVATIONS, MLPExpertBank
 from moe_exp.moe.experts import build_experts, first_kind
@@ -346,7 +346,8 @@ def width_knob(factory: Callable[..., nn.Module]) -> str:
 
 
 def forward_flops(module: nn.Module, in_shape: Sequence[int]) -> float:
-    """Forward FLOPs of ``module`` on one input (eval mode), counted as moe_exp.cost counts."""
+    """Forward FLOPs of ``module`` on one input (eval mode), as :mod:`moe_exp.measure.cost`
+    counts them."""
     counter, _ = count_flops(module, torch.zeros(1, *in_shape))
     return float(counter.get_total_flops())
 
@@ -369,7 +370,7 @@ class DenseBaseline(nn.Module):
     (CNN/ResNet ``width``, MLP ``hidden``) searched so that it matches the
     :class:`MixtureClassifier` these same arguments build, on forward FLOPs per input
     (``match="flops"``: the mixture's active FLOPs, gate included, as
-    :func:`moe_exp.cost.flops_per_sample` counts them) or on parameters (``match="params"``:
+    :func:`moe_exp.measure.cost.flops_per_sample` counts them) or on parameters (``match="params"``:
     the mixture's total). The other keywords are the mixture's, so one sweep
     ``model=mixture,dense_flops,dense_params`` compares the three under the same overrides.
     The nearest integer width usually lands within a few percent (``match_error``).

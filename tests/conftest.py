@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moe_exp.cli import compose, config_dir
+from moe_exp.app.cli import compose, config_dir
 
 CLI = str(Path(sys.executable).parent / "moe-exp")
 # A tiny, fast run: small data, one epoch, no checkpoint-worthy training.
@@ -31,8 +31,8 @@ def seeded_build(cfg, run_dir: Path, seed: int = 0):
     run's own Trainer (loggers, checkpoints) writing into ``run_dir``."""
     import torch
 
-    from moe_exp.build import build_components
-    from moe_exp.run import make_trainer
+    from moe_exp.app.build import build_components
+    from moe_exp.app.run import make_trainer
 
     torch.manual_seed(seed)
     datamodule, module = build_components(cfg)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from moe_exp.config import check_ranges
+from moe_exp.app.config import check_ranges
 from moe_exp.data.splits import flip_labels, stratified_take
 from moe_exp.data.transforms import BatchAugment
 from moe_exp.errors import ConfigError

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_exp.config import check_ranges
+from moe_exp.app.config import check_ranges
 from moe_exp.data.in_memory import InMemoryDataModule, Split
 from moe_exp.data.splits import class_ranks
 from moe_exp.errors import ConfigError

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from moe_exp.build import build_components
+from moe_exp.app.build import build_components
 from moe_exp.data.torchvision_sets import FakeDataModule
 from moe_exp.errors import DataNotFoundError
 from tests.conftest import QUICK, compose_config, single_run_dir

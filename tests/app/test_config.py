@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from moe_exp.build import build_components
-from moe_exp.config import validate
+from moe_exp.app.build import build_components
+from moe_exp.app.config import validate
 from moe_exp.errors import ConfigError
 from tests.conftest import QUICK, compose_config, config_options
 from tests.data.disk_formats import ON_DISK, write

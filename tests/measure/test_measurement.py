@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from moe_exp.callbacks import CollapseAlarm
-from moe_exp.cost import flops_per_sample
+from moe_exp.measure.cost import flops_per_sample
+from moe_exp.measure.similarity import expert_similarity, similarity_summary
 from moe_exp.moe import MoE, TopKGate
-from moe_exp.similarity import expert_similarity, similarity_summary
+from moe_exp.training.callbacks import CollapseAlarm
 from tests.conftest import QUICK, single_run_dir
 
 
@@ -106,8 +106,8 @@ def test_a_run_with_wandb_offline_writes_everything(cli, tmp_path, monkeypatch):
 
 
 def test_eval_accuracy_is_the_eval_mode_accuracy_of_the_whole_split():
-    from moe_exp.build import build_components
-    from moe_exp.run import eval_accuracy
+    from moe_exp.app.build import build_components
+    from moe_exp.app.run import eval_accuracy
     from tests.conftest import compose_config
 
     torch.manual_seed(0)

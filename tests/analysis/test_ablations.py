@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_exp.ablations import (
+from moe_exp.analysis.ablations import (
     Results,
     _spearman,
     balance_loss,
@@ -16,8 +16,8 @@ from moe_exp.ablations import (
     clusters,
     overfitting,
 )
-from moe_exp.report import build_report, find_runs, group_runs, swept_parameters
-from moe_exp.reproduce import presets, sweeps
+from moe_exp.analysis.report import build_report, find_runs, group_runs, swept_parameters
+from moe_exp.analysis.reproduce import presets, sweeps
 from tests.conftest import TINY_DATA, run_cli
 
 
@@ -174,7 +174,7 @@ def test_spearman_rank_correlation():
 def test_report_writes_verdicts_and_the_published_table(tmp_path):
     spec = {
         "title": "Balance",
-        "check": {"_target_": "moe_exp.ablations.balance_loss", "_partial_": True},
+        "check": {"_target_": "moe_exp.analysis.ablations.balance_loss", "_partial_": True},
         "metrics": ["test/acc", "test/cv_load"],
         "published": {"header": ["w", "CV(load)"], "rows": [[0.0, 3.01]]},
     }

@@ -10,7 +10,7 @@ depends on how Hydra launched the job:
 - Parallel launchers (joblib) share the CPUs: each job's torch threads are capped at its
   share, so N jobs never run N × ``threads`` threads on fewer cores.
 - Script-launching DDP inside a ``-m`` sweep would re-run the sweep in every child process:
-  refused before anything heavy (:func:`moe_exp.config.check_launch`).
+  refused before anything heavy (:func:`moe_exp.app.config.check_launch`).
 - Inside an Optuna search a diverged trial is told as the worst value instead of stopping
   the search (its run folder still says ``diverged``).
 """
@@ -29,7 +29,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from moe_exp.config import check_launch, override_key
+from moe_exp.app.config import check_launch, override_key
 
 RESUME_KEY = "resume"
 _PLAIN_PATH = re.compile(r"^[\w/.\-~:]+$")
@@ -37,7 +37,7 @@ _PLAIN_PATH = re.compile(r"^[\w/.\-~:]+$")
 
 def config_dir() -> str:
     """The config tree: inside the package in a wheel, the repo's ``conf/`` in a checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the moe_exp package
     for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "config.yaml").is_file():
             return str(candidate)
@@ -171,8 +171,8 @@ def _app(cfg: DictConfig) -> float | list[float]:
         with open_dict(cfg):
             cfg.threads = threads
 
+    from moe_exp.app.run import run
     from moe_exp.errors import DivergedError
-    from moe_exp.run import run
 
     overrides = [o for o in hc.overrides.task if not is_resume_override(o)]
     try:

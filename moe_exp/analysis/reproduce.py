@@ -1,4 +1,4 @@
-"""``python -m moe_exp.reproduce [preset ...]`` (``make ablations``): run each ablation
+"""``python -m moe_exp.analysis.reproduce [preset ...]`` (``make ablations``): run each ablation
 preset's sweep, plus the extra sweeps its ``ablation.also`` lists (e.g. the dense baselines
 beside an expert-count grid), into one folder, then write its report with the verdicts.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 def presets() -> list[str]:
     """The experiment presets that carry an ``ablation`` block (conf/experiment/*.yaml)."""
-    from moe_exp.cli import config_dir
+    from moe_exp.app.cli import config_dir
 
     folder = Path(config_dir()) / "experiment"
     return sorted(
@@ -30,7 +30,7 @@ def presets() -> list[str]:
 
 def sweeps(preset: str, folder: Path, extra: Sequence[str] = ()) -> list[list[str]]:
     """The ``moe-exp`` argument lists for the preset's main sweep and its ``also`` sweeps."""
-    from moe_exp.cli import compose
+    from moe_exp.app.cli import compose
 
     also = compose([f"experiment={preset}"]).get("ablation", {}).get("also") or []
     main = [f"experiment={preset}", f"hydra.sweep.dir={folder}", *extra]
@@ -42,7 +42,7 @@ def sweeps(preset: str, folder: Path, extra: Sequence[str] = ()) -> list[list[st
 
 def reproduce(preset: str, root: Path, extra: Sequence[str] = ()) -> Path:
     """Run one preset's sweeps and report; returns the folder holding runs and report."""
-    from moe_exp.report import build_report, print_table
+    from moe_exp.analysis.report import build_report, print_table
 
     folder = root / preset / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     cli = str(Path(sys.executable).parent / "moe-exp")
@@ -57,7 +57,9 @@ def reproduce(preset: str, root: Path, extra: Sequence[str] = ()) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moe_exp.reproduce", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_exp.analysis.reproduce", description=__doc__
+    )
     known = presets()
     parser.add_argument("presets", nargs="*", default=known, help="default: all")
     parser.add_argument("--root", type=Path, default=Path("outputs/ablations"))

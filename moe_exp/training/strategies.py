@@ -39,17 +39,17 @@
     index to hold posteriors for a whole epoch).
 
 Implementation (Lightning): staged and EM training use manual optimisation
-(``automatic_optimization = False``) through :class:`~moe_exp.lit.MoEClassifierModule`'s
+(``automatic_optimization = False``) through :class:`~moe_exp.training.module.MoEClassifierModule`'s
 ``plan`` hook: the plan supplies the training step and ``configure_optimizers``. For
 hierarchical training each stage has its own AdamW optimiser (and scheduler) holding only
 that stage's parameters; frozen parameters also get ``requires_grad=False`` and frozen
 modules run in eval mode, so nothing about them changes (no weight-decay drift, no
 optimiser state). EM has one optimiser (``batch``) or one per side (``epoch``). Each
 optimiser has two parameter groups, the routing side and the rest
-(:meth:`~moe_exp.lit.MoEClassifierModule.param_groups`): ``optim.router_weight_decay``
+(:meth:`~moe_exp.training.module.MoEClassifierModule.param_groups`): ``optim.router_weight_decay``
 applies to the router in every stage without its own ``weight_decay``, and
 ``optim.router_lr`` in EM (a hierarchical stage's ``lr`` is explicit, so it rules there).
-Parameters that expert surgery froze (``module.frozen_modules``, moe_exp/surgery.py) stay
+Parameters that expert surgery froze (``module.frozen_modules``, moe_exp/training/surgery.py) stay
 frozen in every stage. The plan is also a Callback: it switches stages at epoch
 boundaries, saves ``checkpoints/stage{i}_{name}.ckpt`` (i from 1) at the end of each
 hierarchical stage, and tags every CSV metrics row with the stage's name (column
@@ -80,9 +80,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_exp.errors import ConfigError
-from moe_exp.lit import make_schedule, router_parameters
 from moe_exp.moe import Routing
 from moe_exp.moe.layer import dispatch_combine, sort_by_expert
+from moe_exp.training.module import make_schedule, router_parameters
 
 log = logging.getLogger("moe_exp")
 

@@ -1,15 +1,15 @@
 """Expert surgery on a trained mixture: grow, shrink, replace, retrain one part, move an
-expert between mixtures (moe_exp/surgery.py)."""
+expert between mixtures (moe_exp/training/surgery.py)."""
 
 import pytest
 import torch
 
-from moe_exp.build import build_components
-from moe_exp.config import build
+from moe_exp.app.build import build_components
+from moe_exp.app.config import build
 from moe_exp.errors import ConfigError
 from moe_exp.moe.experts import CNNExpert, MLPExpert
-from moe_exp.strategies import JointStrategy
-from moe_exp.surgery import Surgery, expert_state, load_expert, resize_router
+from moe_exp.training.strategies import JointStrategy
+from moe_exp.training.surgery import Surgery, expert_state, load_expert, resize_router
 from tests.conftest import TINY, compose_config, seeded_build
 
 # CNN experts: BatchNorm buffers too must survive a frozen run untouched.

@@ -1,6 +1,6 @@
 """Objects of one run from its config: the datamodule and the LightningModule around the
 configured model (also used by tests, benchmarks and notebooks). Expert surgery
-(``surgery.*``, moe_exp/surgery.py) is applied here, between building the model and
+(``surgery.*``, moe_exp/training/surgery.py) is applied here, between building the model and
 wrapping it, so every strategy trains the operated mixture."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe_exp.config import build
+from moe_exp.app.config import build
 from moe_exp.errors import ConfigError
 
 
 def build_components(cfg: DictConfig) -> tuple[Any, Any]:
     """The datamodule (set up) and the LightningModule wrapping the configured model."""
-    from moe_exp.lit import MoEClassifierModule
+    from moe_exp.training.module import MoEClassifierModule
 
     surgery, new_expert = _surgery(cfg)  # before the data, so a typo there fails at once
     datamodule = build(cfg.data)
@@ -46,7 +46,7 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
 def _surgery(cfg: DictConfig) -> tuple[Any, Any]:
     """The configured surgery and its new expert kind, checked; (None, None) when absent
     or inactive."""
-    from moe_exp.surgery import Surgery
+    from moe_exp.training.surgery import Surgery
 
     node = cfg.get("surgery")
     if node is None:
@@ -59,7 +59,7 @@ def _surgery(cfg: DictConfig) -> tuple[Any, Any]:
 
 def _expert_option(name: str) -> Any:
     """The partial of an option of the ``expert`` group, by name (``surgery.expert=mlp``)."""
-    from moe_exp.cli import config_dir
+    from moe_exp.app.cli import config_dir
 
     folder = Path(config_dir()) / "expert"
     path = folder / f"{name}.yaml"

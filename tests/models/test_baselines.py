@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from moe_exp.build import build_components
-from moe_exp.config import build, validate
-from moe_exp.cost import flops_per_sample
+from moe_exp.app.build import build_components
+from moe_exp.app.config import build, validate
 from moe_exp.errors import ConfigError
-from moe_exp.lit import router_parameters
+from moe_exp.measure.cost import flops_per_sample
 from moe_exp.models import DenseBaseline, match_width
-from moe_exp.strategies import JointStrategy
+from moe_exp.training.module import router_parameters
+from moe_exp.training.strategies import JointStrategy
 from tests.conftest import TINY, compose_config, seeded_build
 
 IN_SHAPE, CLASSES = (3, 32, 32), 16

@@ -3,7 +3,7 @@
 The seed's claim for mixtures is modularity: an expert can be replaced, updated or added
 without rebuilding the system. This module makes each of those an override of a run
 (``surgery.*``, conf/surgery/none.yaml), applied to a :class:`~moe_exp.models.MixtureClassifier`
-right after it is built (:func:`moe_exp.build.build_components`), in this order:
+right after it is built (:func:`moe_exp.app.build.build_components`), in this order:
 
 1. ``init_from``: load a run folder's ``checkpoints/best.ckpt`` (or a ``.ckpt`` file). The
    config must build the source's architecture (its ``experts``, ``expert``, ``gate``,
@@ -42,10 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_exp import checkpoints
 from moe_exp.errors import ConfigError, MoeExpError
 from moe_exp.moe import MoE
 from moe_exp.moe.experts import build_experts, first_kind
+from moe_exp.training import checkpoints
 
 log = logging.getLogger("moe_exp")
 TRAIN_WORDS = ("all", "gate", "experts", "new")

@@ -21,10 +21,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe_exp.config import build, validate
+from moe_exp.app.config import build, validate
+from moe_exp.app.loggers import close_wandb
+from moe_exp.app.record import RunRecord
 from moe_exp.errors import ConfigError, DivergedError, MoeExpError
-from moe_exp.loggers import close_wandb
-from moe_exp.record import RunRecord
 
 log = logging.getLogger("moe_exp")
 PROBE_INPUTS = 256  # test inputs used for FLOP counting and expert similarity
@@ -244,7 +244,12 @@ def make_trainer(
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from moe_exp.callbacks import CollapseAlarm, ExactResume, InterruptCheckpoint, progress_bar
+    from moe_exp.training.callbacks import (
+        CollapseAlarm,
+        ExactResume,
+        InterruptCheckpoint,
+        progress_bar,
+    )
 
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -303,9 +308,9 @@ def eval_accuracy(module: Any, split: Any, batch_size: int = 1024) -> float:
 
 def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     """FLOPs per input, expert similarity and the routing pictures of the tested model."""
-    from moe_exp.cost import flops_per_sample
-    from moe_exp.plots import run_plots, similarity_heatmap
-    from moe_exp.similarity import expert_similarity, similarity_summary
+    from moe_exp.measure.cost import flops_per_sample
+    from moe_exp.measure.plots import run_plots, similarity_heatmap
+    from moe_exp.measure.similarity import expert_similarity, similarity_summary
 
     probe = datamodule.splits["test"].images[:PROBE_INPUTS]
     results: dict[str, Any] = dict(flops_per_sample(module.model, probe))
@@ -327,7 +332,7 @@ def _fit(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, ckpt: Path
     """The strategy's fit, continuing from ``ckpt`` when given."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from moe_exp.callbacks import InterruptCheckpoint
+    from moe_exp.training.callbacks import InterruptCheckpoint
 
     try:
         build(cfg.strategy).fit(trainer, module, datamodule, ckpt_path=str(ckpt) if ckpt else None)
@@ -350,10 +355,10 @@ def _train_and_test(
     import lightning as L
     import torch
 
-    from moe_exp.build import build_components
-    from moe_exp.callbacks import CollapseAlarm
-    from moe_exp.checkpoints import check_fits, load_checkpoint
-    from moe_exp.loggers import log_to_wandb
+    from moe_exp.app.build import build_components
+    from moe_exp.app.loggers import log_to_wandb
+    from moe_exp.training.callbacks import CollapseAlarm
+    from moe_exp.training.checkpoints import check_fits, load_checkpoint
 
     _quiet_lightning()
     torch.set_num_threads(cfg.threads)

@@ -14,11 +14,11 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from moe_exp.build import build_components
-from moe_exp.checkpoints import SHOWN_MISMATCHES, check_fits, load_checkpoint
-from moe_exp.cli import resume_argv
+from moe_exp.app.build import build_components
+from moe_exp.app.cli import resume_argv
+from moe_exp.app.run import _check_same_schedule, _first_epoch_after
 from moe_exp.errors import ConfigError, MoeExpError
-from moe_exp.run import _check_same_schedule, _first_epoch_after
+from moe_exp.training.checkpoints import SHOWN_MISMATCHES, check_fits, load_checkpoint
 from tests.conftest import CLI, QUICK, compose_config, run_cli, single_run_dir
 
 # Two epochs of 32 batches: the kill lands inside the second epoch.
@@ -187,7 +187,7 @@ def test_resuming_with_another_schedule_length_fails_before_training(states, tmp
 def test_the_carried_rows_are_back_on_disk_before_training(tmp_path):
     """Lightning's CSV logger deletes metrics.csv when it starts; a resumed run writes the
     rows it keeps back at once, so one that fails later loses none of them."""
-    from moe_exp.run import make_trainer
+    from moe_exp.app.run import make_trainer
 
     (tmp_path / "metrics.csv").write_text("epoch,step,val/acc\n0,31,0.5\n1,63,0.75\n")
     make_trainer(compose_config(QUICK), tmp_path, resume_from={"epoch": 1})
@@ -209,7 +209,7 @@ def test_a_resume_on_another_rank_leaves_the_metrics_to_rank_0(tmp_path, monkeyp
     """In DDP every rank builds a Trainer; the CSV logger writes on rank 0 only."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from moe_exp.run import make_trainer
+    from moe_exp.app.run import make_trainer
 
     text = "epoch,step,val/acc\n0,31,0.5\n1,63,0.75\n"
     (tmp_path / "metrics.csv").write_text(text)

@@ -8,7 +8,7 @@ Failed, diverged and unfinished runs are listed with their status, never average
 
 Runs made by an ablation preset (``experiment=ablation_*``) carry an ``ablation`` block in
 their ``config.yaml``: its metrics become the columns, its published numbers a second table,
-and its ``check`` (see :mod:`moe_exp.ablations`) the verdicts (holds / does not hold), also
+and its ``check`` (see :mod:`moe_exp.analysis.ablations`) the verdicts (holds / does not hold), also
 written to ``verdicts.json``.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_exp.ablations import value_order
+from moe_exp.analysis.ablations import value_order
 
 METRICS = (
     "test/acc",
@@ -229,8 +229,8 @@ def build_report(
 
 
 def _verdicts(spec: dict[str, Any], groups: list[Group]) -> list[Any]:
-    from moe_exp.ablations import Results
-    from moe_exp.config import build
+    from moe_exp.analysis.ablations import Results
+    from moe_exp.app.config import build
 
     return build(spec["check"])(Results(groups))
 
@@ -271,7 +271,7 @@ def _write_markdown(
 
 
 def _plots(groups: list[Group], swept: list[str], metrics: Sequence[str], out: Path) -> list[Path]:
-    from moe_exp.plots import metric_vs_parameter
+    from moe_exp.measure.plots import metric_vs_parameter
 
     paths = []
     for parameter in swept:

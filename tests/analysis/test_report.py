@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moe_exp.report import build_report, find_runs, parse_overrides, swept_parameters
+from moe_exp.analysis.report import build_report, find_runs, parse_overrides, swept_parameters
 
 REPORT = str(Path(sys.executable).parent / "moe-exp-report")
 
@@ -67,6 +67,6 @@ def test_only_differing_overrides_become_columns(quick_sweep):
 
 
 def test_plot_axes_put_numbers_in_order_and_other_values_after():
-    from moe_exp.ablations import value_order
+    from moe_exp.analysis.ablations import value_order
 
     assert sorted(["8", "default", "2", "16"], key=value_order) == ["2", "8", "16", "default"]

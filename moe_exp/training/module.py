@@ -83,13 +83,13 @@ class MoEClassifierModule(L.LightningModule):
         self._epoch_start = self._last_batch_end = 0.0
         self._epoch_samples = 0
         self.train_samples_per_s = float("nan")
-        # Optional training plan (see moe_exp.strategies): when set, it owns the training step
-        # and the optimisers (manual optimisation); ``stage`` names the current stage and is
-        # logged as ``stage_index`` (and tagged as ``stage`` on the CSV rows by the strategy).
+        # Optional training plan (see moe_exp.training.strategies): when set, it owns the
+        # training step and the optimisers (manual optimisation); ``stage`` names the current
+        # stage and is logged as ``stage_index`` (and tagged as ``stage`` on the CSV rows).
         self.plan: Any = None
         self.stage = ""
         self.stage_index = 0
-        # Modules that must not change (expert surgery freezes them, moe_exp.surgery): kept
+        # Modules that must not change (expert surgery freezes them, moe_exp.training.surgery): kept
         # in eval mode through training, so dropout is off and BatchNorm statistics stay put.
         self.frozen_modules: list[nn.Module] = []
 
@@ -288,10 +288,11 @@ class MoEClassifierModule(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The per-epoch history (a resumed run takes it back, see :func:`moe_exp.run.run`,
+        """The per-epoch history (a resumed run takes it back, see :func:`moe_exp.app.run.run`,
         so its plots cover the epochs before the resume too) and an index of the experts'
         state: expert i's tensors are the state_dict entries under its prefix, so one expert
-        can be taken out and loaded into another mixture (:func:`moe_exp.surgery.expert_state`)."""
+        can be taken out and loaded into another mixture
+        (:func:`moe_exp.training.surgery.expert_state`)."""
         checkpoint["history"] = self.history
         experts = getattr(getattr(self.model, "moe", None), "experts", None)
         if isinstance(experts, nn.ModuleList):

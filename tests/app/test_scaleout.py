@@ -11,8 +11,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from moe_exp.cli import parallel_jobs, thread_share
-from moe_exp.config import check_launch, strategy_launches_scripts
+from moe_exp.app.cli import parallel_jobs, thread_share
+from moe_exp.app.config import check_launch, strategy_launches_scripts
 from moe_exp.errors import ConfigError
 from tests.conftest import (
     QUICK,

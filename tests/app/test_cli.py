@@ -166,7 +166,7 @@ def test_an_installed_wheel_uses_the_packaged_configs(tmp_path):
         [*pip, "install", "--no-deps", "--target", site, wheel], check=True, capture_output=True
     )
     code = (
-        "import sys, moe_exp, moe_exp.cli as c; print('AT', moe_exp.__file__, c.config_dir());"
+        "import sys, moe_exp, moe_exp.app.cli as c; print('AT', moe_exp.__file__, c.config_dir());"
         "sys.argv=['moe-exp', 'gate=topk', 'experts=6', '--cfg', 'job']; c.main()"
     )
     elsewhere = tmp_path / "elsewhere"
@@ -185,7 +185,7 @@ def test_an_installed_wheel_uses_the_packaged_configs(tmp_path):
 
 
 def test_a_diverging_job_stops_with_a_message_and_the_sweep_goes_on(cli, tmp_path):
-    from moe_exp.report import build_report
+    from moe_exp.analysis.report import build_report
 
     out = cli("-m", *QUICK, "optim.lr=1e9,0.003")  # the diverging job first: the sweep goes on
     assert out.returncode != 0  # non-zero, after every job ran

@@ -6,10 +6,10 @@ import lightning as L
 import pytest
 import torch
 
-from moe_exp.build import build_components
-from moe_exp.config import build, validate
+from moe_exp.app.build import build_components
+from moe_exp.app.config import build, validate
 from moe_exp.errors import ConfigError
-from moe_exp.strategies import (
+from moe_exp.training.strategies import (
     EMStrategy,
     Partition,
     em_posteriors,

@@ -1,0 +1,1 @@
+"""Reading finished runs: the report, the ablation verdicts, the reproduction presets."""

@@ -1,0 +1,1 @@
+"""Measurements of a model: cost (FLOPs, parameters), expert similarity, routing pictures."""

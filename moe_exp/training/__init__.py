@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its callbacks, strategies, expert surgery, checkpoints."""
