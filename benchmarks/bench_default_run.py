@@ -51,7 +51,7 @@ def throughput(epochs: int = 1) -> tuple[float, float]:
     import lightning as L
 
     from moe_exp.app.build import build_components
-    from moe_exp.app.cli import compose
+    from moe_exp.app.compose import compose
     from moe_exp.app.run import _quiet_lightning
     from moe_exp.training.callbacks import LineProgressBar
 

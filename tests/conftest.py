@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moe_exp.app.cli import compose, config_dir
+from moe_exp.app.compose import compose, config_dir
 
 CLI = str(Path(sys.executable).parent / "moe-exp")
 # A tiny, fast run: small data, one epoch, no checkpoint-worthy training.

@@ -229,10 +229,20 @@ def build_report(
 
 
 def _verdicts(spec: dict[str, Any], groups: list[Group]) -> list[Any]:
-    from moe_exp.analysis.ablations import Results
-    from moe_exp.app.config import build
+    """Run the preset's check, a function of :mod:`moe_exp.analysis.ablations` named by its
+    ``_target_``: a results file names a check, it never brings code to run."""
+    from moe_exp.analysis import ablations
 
-    return build(spec["check"])(Results(groups))
+    node = dict(spec["check"])
+    target = str(node.pop("_target_", ""))
+    node.pop("_partial_", None)
+    module, _, name = target.rpartition(".")
+    known = ablations.checks()
+    if module != ablations.__name__ or name not in known:
+        names = ", ".join(f"{ablations.__name__}.{n}" for n in known)
+        raise ValueError(f"ablation.check._target_={target!r} is not one of {names}")
+    check = known[name]
+    return check(ablations.Results(groups), **node)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

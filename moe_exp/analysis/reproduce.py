@@ -20,7 +20,7 @@ from pathlib import Path
 
 def presets() -> list[str]:
     """The experiment presets that carry an ``ablation`` block (conf/experiment/*.yaml)."""
-    from moe_exp.app.cli import config_dir
+    from moe_exp.app.compose import config_dir
 
     folder = Path(config_dir()) / "experiment"
     return sorted(
@@ -30,7 +30,7 @@ def presets() -> list[str]:
 
 def sweeps(preset: str, folder: Path, extra: Sequence[str] = ()) -> list[list[str]]:
     """The ``moe-exp`` argument lists for the preset's main sweep and its ``also`` sweeps."""
-    from moe_exp.app.cli import compose
+    from moe_exp.app.compose import compose
 
     also = compose([f"experiment={preset}"]).get("ablation", {}).get("also") or []
     main = [f"experiment={preset}", f"hydra.sweep.dir={folder}", *extra]

@@ -59,7 +59,7 @@ def _surgery(cfg: DictConfig) -> tuple[Any, Any]:
 
 def _expert_option(name: str) -> Any:
     """The partial of an option of the ``expert`` group, by name (``surgery.expert=mlp``)."""
-    from moe_exp.app.cli import config_dir
+    from moe_exp.app.compose import config_dir
 
     folder = Path(config_dir()) / "expert"
     path = folder / f"{name}.yaml"

@@ -29,28 +29,11 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from moe_exp.app.compose import config_dir
 from moe_exp.app.config import check_launch, override_key
 
 RESUME_KEY = "resume"
 _PLAIN_PATH = re.compile(r"^[\w/.\-~:]+$")
-
-
-def config_dir() -> str:
-    """The config tree: inside the package in a wheel, the repo's ``conf/`` in a checkout."""
-    here = Path(__file__).resolve().parents[1]  # the moe_exp package
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"moe-exp's config tree was not found next to {here}")
-
-
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The config a run with these overrides would get (for notebooks, tests, benchmarks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
 
 
 # -- resume -----------------------------------------------------------------------------------

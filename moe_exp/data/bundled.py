@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_exp.app.config import check_ranges
 from moe_exp.data.in_memory import InMemoryDataModule, Split
 from moe_exp.data.splits import stratified_take
-from moe_exp.errors import DataNotFoundError
+from moe_exp.errors import DataNotFoundError, check_ranges
 
 DIGIT_NAMES = [str(d) for d in range(10)]
 

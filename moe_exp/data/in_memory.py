@@ -27,10 +27,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from moe_exp.app.config import check_ranges
 from moe_exp.data.splits import flip_labels, stratified_take
 from moe_exp.data.transforms import BatchAugment
-from moe_exp.errors import ConfigError
+from moe_exp.errors import ConfigError, check_ranges
 
 log = logging.getLogger("moe_exp")
 

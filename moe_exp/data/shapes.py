@@ -26,10 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_exp.app.config import check_ranges
 from moe_exp.data.in_memory import InMemoryDataModule, Split
 from moe_exp.data.splits import class_ranks
-from moe_exp.errors import ConfigError
+from moe_exp.errors import ConfigError, check_ranges
 
 # Shape masks on coordinates (u, v) scaled so the shape spans roughly [-1, 1]²; v points down.
 SHAPE_MASKS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
