@@ -154,7 +154,7 @@ class MixtureClassifier(nn.Module):
         total = _count(self)
         per_expert = [_count(e) for e in self.moe.experts]
         always = total - sum(per_expert)
-        k = self.moe.router.k
+        k = self.moe.router.active_experts
         active = always + round(k * sum(per_expert) / len(per_expert))
         return {"params_total": total, "params_active": active}
 
@@ -327,7 +327,7 @@ class VisionMoE(nn.Module):
         active = float(total)
         for moe in self.moe_layers:
             bank = _count(moe.experts)
-            active -= bank * (1 - moe.router.k / moe.num_experts)
+            active -= bank * (1 - moe.router.active_experts / moe.num_experts)
         return {"params_total": total, "params_active": round(active)}
 
 

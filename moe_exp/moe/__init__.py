@@ -4,6 +4,7 @@
 >>> layer = MoE(NoisyTopKGate(16, 4, k=2), [MLPExpert((16,), 8) for _ in range(4)])
 """
 
+from moe_exp.moe import gates
 from moe_exp.moe.balance import (
     GateEntropyLoss,
     ImportanceLoss,
@@ -30,33 +31,15 @@ from moe_exp.moe.experts import (
     TreeBalanceLoss,
     mixed,
 )
-from moe_exp.moe.gates import (
-    BASEGate,
-    BiasBalancedGate,
-    CosineGate,
-    ExpertChoiceGate,
-    HashGate,
-    HierarchicalGate,
-    NoisyTopKGate,
-    Router,
-    SoftmaxGate,
-    SoftMoEGate,
-    SwitchGate,
-    TopKGate,
-)
+from moe_exp.moe.gates import *  # noqa: F403  (every gate, by its class name)
 from moe_exp.moe.layer import MoE, dispatch_combine, soft_dispatch_combine
 from moe_exp.moe.routing import Routing, expert_capacity, limit_capacity
 from moe_exp.moe.stats import RoutingStats, balance_metrics
 
 __all__ = [
-    "BASEGate",
-    "BiasBalancedGate",
+    *gates.__all__,
     "CNNExpert",
-    "CosineGate",
-    "ExpertChoiceGate",
     "GateEntropyLoss",
-    "HashGate",
-    "HierarchicalGate",
     "ImportanceLoss",
     "LinearExpert",
     "LoadEntropyLoss",
@@ -64,18 +47,12 @@ __all__ = [
     "MLPExpert",
     "MLPExpertBank",
     "MoE",
-    "NoisyTopKGate",
     "Regularizer",
     "ResNetExpert",
-    "Router",
     "Routing",
     "RoutingStats",
-    "SoftMoEGate",
     "SoftTreeExpert",
-    "SoftmaxGate",
-    "SwitchGate",
     "SwitchLoss",
-    "TopKGate",
     "TreeBalanceLoss",
     "ZLoss",
     "balance_metrics",

@@ -153,7 +153,7 @@ def test_same_seed_gives_the_same_summary(tmp_path):
 
 def test_an_installed_wheel_uses_the_packaged_configs(tmp_path):
     """Build a real wheel, install it into a scratch folder, run it from elsewhere."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     wheels, site = tmp_path / "wheels", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "-q"]
     subprocess.run(
@@ -181,7 +181,7 @@ def test_an_installed_wheel_uses_the_packaged_configs(tmp_path):
     assert out.returncode == 0, out.stderr
     location = out.stdout.split("AT ", 1)[1].split("\n", 1)[0]
     assert location.startswith(str(site)) and str(site / "moe_exp" / "conf") in location
-    assert "experts: 6" in out.stdout and "moe_exp.moe.gates.TopKGate" in out.stdout
+    assert "experts: 6" in out.stdout and "moe_exp.moe.gates.topk.TopKGate" in out.stdout
 
 
 def test_a_diverging_job_stops_with_a_message_and_the_sweep_goes_on(cli, tmp_path):

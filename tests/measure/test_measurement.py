@@ -99,7 +99,7 @@ def test_a_run_with_wandb_offline_writes_everything(cli, tmp_path, monkeypatch):
     (wandb_file,) = run.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
     blob = wandb_file.read_bytes()
     # the nested config, the run's name (its overrides) and the summary metrics are logged
-    assert b"moe_exp.moe.gates.NoisyTopKGate" in blob and b"n_train" in blob
+    assert b"moe_exp.moe.gates.noisy_topk.NoisyTopKGate" in blob and b"n_train" in blob
     assert b"experiment=quick" in blob and b"test/acc" in blob
     media = list(Path(wandb_file.parent, "files", "media", "images").rglob("*.png"))
     assert len(media) >= 7

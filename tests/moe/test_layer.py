@@ -3,21 +3,15 @@ import torch
 from torch import nn
 
 from moe_exp.moe import (
-    BASEGate,
-    BiasBalancedGate,
-    CosineGate,
-    ExpertChoiceGate,
-    HashGate,
-    HierarchicalGate,
     MLPExpert,
     MoE,
     NoisyTopKGate,
     Routing,
     SoftMoEGate,
-    SwitchGate,
     SwitchLoss,
     TopKGate,
 )
+from moe_exp.moe.gates import GATES as ALL_GATES
 from moe_exp.moe.layer import dispatch_combine
 
 N, D, E, C = 64, 12, 5, 7
@@ -99,18 +93,14 @@ def test_router_and_experts_must_agree_on_e():
 
 # --- every gate: sparse dispatch == the dense (or einsum) reference --------------------------
 
-GATES = {
-    "topk_capacity": lambda: TopKGate(D, E, k=2, capacity_factor=0.6),
-    "noisy_topk": lambda: NoisyTopKGate(D, E, k=2),
-    "switch": lambda: SwitchGate(D, E),
-    "expert_choice": lambda: ExpertChoiceGate(D, E, capacity_factor=1.5),
-    "soft": lambda: SoftMoEGate(D, E, slots_per_expert=2),
-    "hash": lambda: HashGate(D, E, k=2),
-    "base": lambda: BASEGate(D, E),
-    "bias_balanced": lambda: BiasBalancedGate(D, E, k=2),
-    "cosine": lambda: CosineGate(D, E, k=2),
-    "hierarchical": lambda: HierarchicalGate(D, 6, k=2, num_groups=2, k_group=2),
-}
+
+def _gate(cls, **extra):
+    # six experts: every gate's example arguments fit (two groups of three, for hierarchical)
+    return lambda: cls(D, 6, **{**cls.example_args, **extra})
+
+
+GATES = {name: _gate(cls) for name, cls in ALL_GATES.items()}
+GATES["topk_capacity"] = _gate(TopKGate, k=2, capacity_factor=0.6)
 
 
 def soft_reference(x, routing, experts):
