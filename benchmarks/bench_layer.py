@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_exp.moe import gates
-from moe_exp.moe.bank import MLPExpertBank
+from moe_exp.moe.experts.bank import MLPExpertBank
 from moe_exp.moe.gates import TopKGate
 from moe_exp.moe.layer import MoE
 

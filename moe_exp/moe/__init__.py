@@ -21,7 +21,6 @@ from moe_exp.moe.balance import (
     switch_loss,
     z_loss,
 )
-from moe_exp.moe.bank import MLPExpertBank
 from moe_exp.moe.experts import (
     CNNExpert,
     LinearExpert,
@@ -31,6 +30,7 @@ from moe_exp.moe.experts import (
     TreeBalanceLoss,
     mixed,
 )
+from moe_exp.moe.experts.bank import MLPExpertBank
 from moe_exp.moe.gates import *  # noqa: F403  (every gate, by its class name)
 from moe_exp.moe.layer import MoE, dispatch_combine, soft_dispatch_combine
 from moe_exp.moe.routing import Routing, expert_capacity, limit_capacity

@@ -172,9 +172,17 @@ class MoE(nn.Module):
     def num_experts(self) -> int:
         return self.router.num_experts
 
+    def combine(self, x: Tensor, routing: Routing) -> Tensor:
+        """The experts' outputs for ``routing`` (made here or by a strategy), mixed by weight."""
+        return dispatch_combine(x, routing, self.experts, self.transform, self.record_predictions)
+
+    def expert_outputs(self, x: Tensor) -> Tensor:
+        """Every expert's raw output on every input, [N, E, C] (dense: for EM and gate targets)."""
+        return torch.stack([expert(x) for expert in self.experts], dim=1)
+
     def forward(self, x: Tensor, router_input: Tensor | None = None) -> tuple[Tensor, Routing]:
         routing = self.router(x if router_input is None else router_input)
-        y = dispatch_combine(x, routing, self.experts, self.transform, self.record_predictions)
+        y = self.combine(x, routing)
         routing.aux_losses = {
             name: reg.weight * reg(routing)
             for name, reg in self.regularizers.items()

@@ -31,6 +31,7 @@ class Composition:
     args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # axis -> its values
     expert_targets: tuple[Any, ...] = ()  # every class the expert node builds (mixed groups)
     choices: Mapping[str, str] = field(default_factory=dict)  # axis -> the option chosen
+    path: str = ""  # the dotted config path of the node whose rules are asked
     # the options of a config group whose target passes a test (for "use one of ..." hints)
     options: Callable[[str, Callable[[Any], bool]], list[str]] = _no_options
 
@@ -46,6 +47,19 @@ class Composition:
         if not getattr(self.targets.get("model"), "uses_expert_config", True):
             return False
         return any(isinstance(t, type) and issubclass(t, kind) for t in self.expert_targets)
+
+
+def below_minimum(cls: type, values: Mapping[str, Any]) -> list[str]:
+    """Messages for ``values`` under the class's ``min_values`` (key -> smallest integer; a
+    list is checked entry by entry): where one key name means different things by owner, a
+    soft tree's ``depth`` must be >= 1 while an MLP's may be 0."""
+    problems = []
+    for key, low in getattr(cls, "min_values", {}).items():
+        value = values.get(key)
+        entries = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and (not entries or any(v < low for v in entries)):
+            problems.append(f"{key}={value} must be >= {low}")
+    return problems
 
 
 def require(problems: list[str]) -> None:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moe_exp.models import MixtureClassifier, VisionMoE
-from moe_exp.moe.bank import MLPExpertBank
 from moe_exp.moe.experts import CNNExpert, MLPExpert, SoftTreeExpert, TreeBalanceLoss, mixed
+from moe_exp.moe.experts.bank import MLPExpertBank
 from moe_exp.moe.gates import SoftmaxGate, TopKGate
 
 IMG = (3, 16, 16)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_exp.moe.bank import MLPExpertBank, grouped_linear
+from moe_exp.moe.experts.bank import MLPExpertBank, grouped_linear
 from moe_exp.moe.gates import TopKGate
 from moe_exp.moe.layer import GroupedExperts, MoE, dispatch_combine
 from moe_exp.moe.layout import ExpertLayout

@@ -175,9 +175,7 @@ def test_mixed_builds_each_kind_in_order():
 
 
 def test_mixed_counts_must_sum_to_experts():
-    with pytest.raises(
-        ValueError, match=r"builds 3 experts \(2×CNNExpert, 1×MLPExpert\) but experts=4"
-    ):
+    with pytest.raises(ValueError, match=r"counts \[2, 1\] sum to 3 but experts=4"):
         build_experts(_mixed_partial(2, 1), 4, (3, 8, 8), C)
     with pytest.raises(ValueError, match="count=-1"):
         build_experts(_mixed_partial(-1, 1), 0, (3, 8, 8), C)

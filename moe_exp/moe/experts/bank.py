@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from moe_exp.moe.experts import check_dropout
+from moe_exp.moe.experts.dense import check_dropout
 from moe_exp.moe.layout import ExpertLayout, Group
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
