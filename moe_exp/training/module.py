@@ -97,7 +97,8 @@ class MoEClassifierModule(L.LightningModule):
         return self.model(x)
 
     # -- steps ----------------------------------------------------------------------------
-    def _step(self, batch: tuple[Tensor, Tensor, Tensor], split: str) -> Tensor:
+    def step_batch(self, batch: tuple[Tensor, Tensor, Tensor], split: str) -> Tensor:
+        """The joint loss of a batch (task + aux losses), its metrics and routing recorded."""
         x, y, latents = batch
         log_probs, routings = self.model(x)
         ce = F.nll_loss(log_probs, y)
@@ -110,7 +111,7 @@ class MoEClassifierModule(L.LightningModule):
             self.check_finite(loss)
         values = {"loss": loss, "ce": ce, **{f"aux_{k}": v for k, v in aux.items()}}
         self.record_step(split, log_probs, y, values)
-        self._track(split, routings, y, latents)
+        self.track_routing(split, routings, y, latents)
         if split == "test" and routings:
             self._keep_examples(x, routings[0])
         return loss
@@ -159,7 +160,7 @@ class MoEClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor | None:
         if self.plan is not None:
             return self.plan.training_step(self, batch, batch_idx)
-        return self._step(batch, "train")
+        return self.step_batch(batch, "train")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         for module in self.frozen_modules:  # Lightning puts the whole model in train mode
@@ -171,13 +172,16 @@ class MoEClassifierModule(L.LightningModule):
         self._last_batch_end = time.perf_counter()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+        self.step_batch(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+        self.step_batch(batch, "test")
 
     # -- utilisation ----------------------------------------------------------------------
-    def _track(self, split: str, routings: list[Routing], y: Tensor, latents: Tensor) -> None:
+    def track_routing(
+        self, split: str, routings: list[Routing], y: Tensor, latents: Tensor
+    ) -> None:
+        """Add a batch's routing records to the split's utilisation statistics."""
         stats = self.routing_stats[split]
         while len(stats) < len(routings):
             e = routings[len(stats)].num_experts

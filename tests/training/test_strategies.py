@@ -159,7 +159,9 @@ def test_kmeans_and_random_partitions_give_every_input_one_of_e_parts(kind):
 
 def test_a_model_without_a_separate_gate_is_refused(tmp_path):
     datamodule, module, trainer = seeded_build(compose_config([*SMALL, "model=vmoe"]), tmp_path)
-    with pytest.raises(ConfigError, match=r"VisionMoE does not support it.*model=mixture"):
+    with pytest.raises(
+        ConfigError, match=r"strategy=em needs a model \(a separate gate.*not VisionMoE"
+    ):
         EMStrategy().fit(trainer, module, datamodule)
 
 
