@@ -29,8 +29,8 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from moe_exp.app.compose import config_dir
-from moe_exp.app.config import check_launch, override_key
+from moe_exp.app.compose import config_dir, override_key
+from moe_exp.app.launch import check_launch
 
 RESUME_KEY = "resume"
 _PLAIN_PATH = re.compile(r"^[\w/.\-~:]+$")

@@ -27,3 +27,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: ``+a.b=1`` → ``a.b``, ``~x`` → ``x``."""
+    return override.lstrip("+~").split("=", 1)[0]

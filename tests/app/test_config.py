@@ -139,7 +139,7 @@ RULES = [
     # cross-field
     (["experts=2", "k=3"], "k=3 must be <= experts=2"),
     (["regularizer=tree_balance"], "regularizer.tree_balance (tree balance) needs soft-tree"),
-    (["regularizer=tree_balance", "expert=tree", "model=vmoe"], "model=VisionMoE ignores the"),
+    (["regularizer=tree_balance", "expert=tree", "model=vmoe"], "model=vmoe ignores the"),
     (["expert=mixed", "experts=6"], "expert.groups counts [2, 2] sum to 4 but experts=6"),
     (["gate=hierarchical", "experts=6", "gate.num_groups=4"], "gate.num_groups=4 must divide"),
     (["gate=hierarchical", "k=3"], "k=3 must be <= experts per group=2 for gate=hierarchical"),

@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from moe_exp.app.cli import parallel_jobs, thread_share
-from moe_exp.app.config import check_launch, strategy_launches_scripts
+from moe_exp.app.launch import check_launch, strategy_launches_scripts
 from moe_exp.errors import ConfigError
 from tests.conftest import (
     QUICK,
