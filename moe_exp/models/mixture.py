@@ -164,9 +164,12 @@ class MixtureClassifier(nn.Module):
 
 
 def _fill_to_uniform(mixed: Tensor) -> Tensor:
-    """Σ g_i p_i + (1 − Σ g_i)/C: the gates' unassigned weight goes to the uniform distribution."""
-    leftover = (1.0 - mixed.sum(-1, keepdim=True)).clamp_min(0.0)
-    return mixed + leftover / mixed.shape[-1]
+    """Σ g_i p_i + (1 − Σ g_i)/C: the gates' unassigned weight goes to the uniform
+    distribution; weights that sum past 1 (unnormalised gates, e.g. ReLU routing) are scaled
+    back to a distribution instead."""
+    total = mixed.sum(-1, keepdim=True)
+    leftover = (1.0 - total).clamp_min(0.0)
+    return (mixed + leftover / mixed.shape[-1]) / total.clamp_min(1.0)
 
 
 def count_parameters(module: nn.Module) -> int:

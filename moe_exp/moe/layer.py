@@ -183,9 +183,13 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, router_input: Tensor | None = None) -> tuple[Tensor, Routing]:
         routing = self.router(x if router_input is None else router_input)
         y = self.combine(x, routing)
+        # a gate may return a loss of its own with its decision (ReLU routing's L1 penalty)
         routing.aux_losses = {
-            name: reg.weight * reg(routing)
-            for name, reg in self.regularizers.items()
-            if reg.weight > 0
+            **routing.aux_losses,
+            **{
+                name: reg.weight * reg(routing)
+                for name, reg in self.regularizers.items()
+                if reg.weight > 0
+            },
         }
         return y, routing

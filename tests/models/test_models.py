@@ -140,3 +140,14 @@ def test_tree_balance_reaches_the_routing_record_through_the_model():
     torch.testing.assert_close(routing.aux_losses["tree_balance"], 0.5 * expected)
     routing.aux_losses["tree_balance"].backward()
     assert model.moe.experts[0].inner.weight.grad is not None
+
+
+def test_the_probs_combiner_keeps_a_distribution_for_any_gate_weights():
+    from moe_exp.models.mixture import _fill_to_uniform
+
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]])
+    short = _fill_to_uniform(0.5 * p)  # weights summing to 0.5: half goes to the uniform
+    torch.testing.assert_close(short, 0.5 * p + 0.5 / 3)
+    over = _fill_to_uniform(3.0 * p)  # ReLU weights summing to 3: scaled back
+    torch.testing.assert_close(over, p)
+    torch.testing.assert_close(_fill_to_uniform(p), p)

@@ -30,6 +30,7 @@ class Router(nn.Module):
     with k = 1 every weight is 1 and the task loss gives the router no gradient (such gates
     warn at k = 1); ``normalised_weights``: an input's combine weights sum to 1;
     ``picks_top_logits``: in evaluation the chosen experts are the k largest logits;
+    ``unit_weights``: every combine weight lies in [0, 1];
     ``example_args``: constructor arguments beyond (in_features, num_experts) that a test
     builds it with.
     """
@@ -38,6 +39,7 @@ class Router(nn.Module):
     renormalises_kept: ClassVar[bool] = False
     normalised_weights: ClassVar[bool] = True
     picks_top_logits: ClassVar[bool] = False
+    unit_weights: ClassVar[bool] = True
     example_args: ClassVar[dict[str, Any]] = {}
 
     @classmethod
