@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe_exp.app.config import build
+from moe_exp.app.config import instantiate
 from moe_exp.errors import ConfigError
 
 
@@ -19,17 +19,17 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
     from moe_exp.training.module import MoEClassifierModule
 
     surgery, new_expert = _surgery(cfg)  # before the data, so a typo there fails at once
-    datamodule = build(cfg.data)
+    datamodule = instantiate(cfg.data)
     datamodule.setup()
-    expert, router = build(cfg.expert), build(cfg.gate)
-    model = build(
+    expert, router = instantiate(cfg.expert), instantiate(cfg.gate)
+    model = instantiate(
         cfg.model,
         in_shape=datamodule.in_shape,
         num_classes=datamodule.num_classes,
         num_experts=cfg.experts,
         expert=expert,
         router=router,
-        regularizers=build(cfg.get("regularizer")) or {},
+        regularizers=instantiate(cfg.get("regularizer")) or {},
     )
     frozen = []
     if surgery is not None:
@@ -66,4 +66,4 @@ def _expert_option(name: str) -> Any:
     if not path.is_file():
         options = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
         raise ConfigError(f"surgery.expert={name!r} is not one of {options}")
-    return build(OmegaConf.load(path))
+    return instantiate(OmegaConf.load(path))

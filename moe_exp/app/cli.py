@@ -1,26 +1,17 @@
 """The ``moe-exp`` console script: a Hydra app over the top-level ``conf/`` tree.
 
-Only Hydra is imported here; torch and Lightning load inside the task, so ``--help`` and
-``--cfg job`` answer fast. What happens before a job's training starts lives here because it
-depends on how Hydra launched the job:
-
-- ``resume=<run folder>`` is turned into that run's own overrides plus
-  ``hydra.run.dir=<run folder>`` before Hydra starts, so the run continues in its folder
-  with its config (Hydra fixes the output folder before the task function runs).
-- Parallel launchers (joblib) share the CPUs: each job's torch threads are capped at its
-  share, so N jobs never run N × ``threads`` threads on fewer cores.
-- Script-launching DDP inside a ``-m`` sweep would re-run the sweep in every child process:
-  refused before anything heavy (:func:`moe_exp.app.config.check_launch`).
-- Inside an Optuna search a diverged trial is told as the worst value instead of stopping
-  the search (its run folder still says ``diverged``).
+Only Hydra is imported here, so ``--help`` and ``--cfg job`` answer fast. What happens
+before a job trains lives here because it depends on how Hydra launched the job:
+``resume=DIR`` is rewritten before Hydra starts (:mod:`moe_exp.app.resume`); parallel
+launchers (joblib) cap each job's torch threads at its share of the CPUs; script-launching
+DDP in a ``-m`` sweep is refused (:mod:`moe_exp.app.launch`); and inside an Optuna search a
+diverged trial reports the worst value instead of stopping the search.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,63 +20,9 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from moe_exp.app.compose import config_dir, override_key
+from moe_exp.app.compose import config_dir
 from moe_exp.app.launch import check_launch
-
-RESUME_KEY = "resume"
-_PLAIN_PATH = re.compile(r"^[\w/.\-~:]+$")
-
-
-# -- resume -----------------------------------------------------------------------------------
-def is_resume_override(override: str) -> bool:
-    return override_key(override) == RESUME_KEY
-
-
-def _quote(value: str) -> str:
-    """A value Hydra's override parser reads back verbatim."""
-    if _PLAIN_PATH.match(value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def resume_argv(argv: list[str]) -> list[str]:
-    """``moe-exp resume=DIR [more overrides]`` → DIR's saved overrides + the extra ones +
-    ``resume=DIR hydra.run.dir=DIR``: the same config, in the same folder.
-
-    Raises SystemExit with a one-line message when DIR is not a run folder.
-    """
-    found = [a for a in argv[1:] if is_resume_override(a)]
-    if not found:
-        return argv
-    raw = found[-1].split("=", 1)[1].strip("'\"")
-    if not raw or raw.lower() == "null":
-        return [a for a in argv if not is_resume_override(a)]
-    folder = Path(raw).expanduser().resolve()
-    saved = folder / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        raise SystemExit(
-            f"moe-exp: resume={raw}: {folder} is not a run folder (no .hydra/overrides.yaml). "
-            "Give the folder of one run, e.g. outputs/runs/<date>/<time> or "
-            "outputs/multiruns/<date>/<time>/<job number>."
-        )
-    if any(a in ("-m", "--multirun") for a in argv[1:]):
-        raise SystemExit("moe-exp: resume= continues one run; drop -m/--multirun.")
-    summary = folder / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
-        raise SystemExit(
-            f"moe-exp: resume={raw}: this run completed; there is nothing to continue, and its "
-            "results stay as they are. To train longer, start a new run with more "
-            "trainer.max_epochs."
-        )
-    before = [str(o) for o in OmegaConf.load(saved) if not is_resume_override(str(o))]
-    extra = [a for a in argv[1:] if not is_resume_override(a)]
-    return [
-        argv[0],
-        *before,
-        *extra,
-        f"{RESUME_KEY}={_quote(str(folder))}",
-        f"hydra.run.dir={_quote(str(folder))}",
-    ]
+from moe_exp.app.resume import is_resume_override, resume_argv
 
 
 # -- launchers ------------------------------------------------------------------------------

@@ -219,10 +219,10 @@ def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         )
 
 
-def build(node: Any, **kwargs: Any) -> Any:
+def instantiate(node: Any, **kwargs: Any) -> Any:
     """Instantiate a config node (``_target_``): the project's only call to Hydra's instantiate."""
-    from hydra.utils import instantiate
+    from hydra.utils import instantiate as hydra_instantiate
 
     if node is None:
         return None
-    return instantiate(node, _convert_="all", **kwargs)
+    return hydra_instantiate(node, _convert_="all", **kwargs)

@@ -10,7 +10,6 @@ fails with the offending key and both shapes, not a stack trace.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import sys
@@ -21,10 +20,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe_exp.app.config import build, validate
+from moe_exp.app.config import instantiate, validate
 from moe_exp.app.loggers import close_wandb
 from moe_exp.app.record import RunRecord
-from moe_exp.errors import ConfigError, DivergedError, MoeExpError
+from moe_exp.app.resume import carry_csv_rows, check_resume_folder, first_epoch_after
+from moe_exp.errors import ConfigError, DivergedError
 
 log = logging.getLogger("moe_exp")
 PROBE_INPUTS = 256  # test inputs used for FLOP counting and expert similarity
@@ -61,7 +61,7 @@ def run(
     resume = cfg.get("resume")
     rank_zero = global_rank() == 0
     if resume:  # before the record: a refused resume leaves the run's files as they were
-        _check_resume_folder(Path(resume), run_dir, cfg)
+        check_resume_folder(Path(resume), run_dir, cfg)
     record = RunRecord(run_dir, overrides, resume=bool(resume), enabled=rank_zero)
     if notes:
         record.update(**notes)
@@ -133,103 +133,13 @@ def objective_value(cfg: DictConfig, results: Mapping[str, Any]) -> float | list
     return values[0] if isinstance(objective, str) else values
 
 
-# what fixes the length of the learning-rate schedule a checkpoint's scheduler state holds
-# (total steps = epochs x batches per epoch)
-SCHEDULE_KEYS = (
-    "trainer.max_epochs",
-    "trainer.max_steps",
-    "trainer.accumulate_grad_batches",
-    "trainer.limit_train_batches",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "data._target_",
-    "data.n_train",
-    "data.train_fraction",
-    "data.val_fraction",
-    "data.batch_size",
-    "optim.scheduler",
-)
-
-
-def _check_resume_folder(folder: Path, run_dir: Path, cfg: DictConfig) -> None:
-    if folder.resolve() != run_dir.resolve():
-        raise ConfigError(
-            f"resume={folder} must run in that folder, but this run's folder is {run_dir}: "
-            "start it as `moe-exp resume=<run folder>` (the CLI sets hydra.run.dir)"
-        )
-    if not (folder / "checkpoints" / "last.ckpt").is_file():
-        raise MoeExpError(
-            f"resume={folder}: there is no checkpoints/last.ckpt to continue from (the run "
-            "stopped before the end of its first epoch without a SIGTERM or Ctrl+C); start it "
-            "anew"
-        )
-    _check_same_schedule(folder, run_dir / "config.yaml", cfg)
-
-
-def _check_same_schedule(folder: Path, saved: Path, cfg: DictConfig) -> None:
-    """A resume must keep the schedule's length: the checkpoint's OneCycle/cosine state has
-    the original total steps, and stepping past them fails late (after files are written)."""
-    if not saved.is_file():
-        return
-    before = OmegaConf.load(saved)
-    if {OmegaConf.select(c, "optim.scheduler") for c in (cfg, before)} == {"none"}:
-        return  # a constant learning rate: no length to keep
-    missing = object()
-    changed = [
-        f"{key}={OmegaConf.select(cfg, key)} (the run has {old})"
-        for key in SCHEDULE_KEYS
-        if (old := OmegaConf.select(before, key, default=missing)) is not missing
-        and OmegaConf.select(cfg, key) != old
-    ]
-    if changed:
-        raise ConfigError(
-            f"resume={folder} cannot change {', '.join(changed)}: the checkpoint's "
-            "learning-rate schedule spans the run's original length. Resume without it, "
-            "or start a new run."
-        )
-
-
-# -- checkpoints --------------------------------------------------------------------------------
-def _carry_csv_rows(run_dir: Path, before_epoch: int) -> list[dict[str, Any]]:
-    """metrics.csv rows of the epochs a resumed run keeps (Lightning's CSV logger deletes the
-    file when it starts; the rows are handed back to it)."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    rows = []
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            kept = {k: _number(v) for k, v in row.items() if v not in ("", None)}
-            if "epoch" in kept and kept["epoch"] < before_epoch:
-                rows.append(kept)
-    return rows
-
-
-def _first_epoch_after(checkpoint: Mapping[str, Any]) -> int:
-    """The first epoch a run resumed from ``checkpoint`` trains: the one it was stopped in,
-    or the next one when the checkpoint was saved at an epoch's end (Lightning's fit-loop
-    progress counts the epochs fully processed)."""
-    try:
-        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
-    except (KeyError, TypeError):
-        return int(checkpoint.get("epoch", 0))
-
-
-def _number(text: str) -> Any:
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
-
-
 def _quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     # A run folder always holds files (summary.json, .hydra/) before the loggers start, and a
-    # resumed one its checkpoints and metrics.csv rows (carried over, see _carry_csv_rows).
+    # resumed one its checkpoints and metrics.csv rows (carried over, see carry_csv_rows).
     warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists.*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not.*")
     # ExactResume replays the data order of an epoch stopped half way.
@@ -263,14 +173,16 @@ def make_trainer(
     )
     # rank 0 alone: the CSV logger writes nothing on the others (its experiment is a dummy)
     carry = resume_from and global_rank() == 0
-    rows = _carry_csv_rows(run_dir, _first_epoch_after(resume_from)) if carry else []
-    loggers = [build(node, save_dir=str(run_dir)) for node in (cfg.get("logger") or {}).values()]
+    rows = carry_csv_rows(run_dir, first_epoch_after(resume_from)) if carry else []
+    loggers = [
+        instantiate(node, save_dir=str(run_dir)) for node in (cfg.get("logger") or {}).values()
+    ]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if rows and isinstance(logger, CSVLogger):
             logger.experiment.metrics.extend(rows)
             logger.save()  # on disk again now: a resumed run that fails must not lose them
-    extra = [build(node) for node in (cfg.get("callbacks") or {}).values()]
+    extra = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     callbacks = [
         checkpoint,
         InterruptCheckpoint(run_dir / "checkpoints"),
@@ -279,7 +191,7 @@ def make_trainer(
         CollapseAlarm(run_dir),
         *extra,
     ]
-    return build(
+    return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
@@ -335,7 +247,9 @@ def _fit(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, ckpt: Path
     from moe_exp.training.callbacks import InterruptCheckpoint
 
     try:
-        build(cfg.strategy).fit(trainer, module, datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        instantiate(cfg.strategy).fit(
+            trainer, module, datamodule, ckpt_path=str(ckpt) if ckpt else None
+        )
     except (SIGTERMException, KeyboardInterrupt) as err:
         (saver,) = [c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint)]
         name = saver.signal_name or "SIGTERM"

@@ -111,19 +111,19 @@ class DenseBaseline(nn.Module):
         kind = first_kind(expert)
         knob = width_knob(kind)
 
-        def build(width: int) -> nn.Module:
+        def make(width: int) -> nn.Module:
             return kind(in_shape=in_shape, num_outputs=num_classes, **{knob: width})
 
         def cost(width: int) -> float:
             with torch.random.fork_rng():
-                net = build(width)
+                net = make(width)
             return (
                 forward_flops(net, in_shape) if match == "flops" else float(count_parameters(net))
             )
 
         self.match, self.knob, self.target = match, knob, target
         self.width = match_width(cost, target)
-        self.net = build(self.width)
+        self.net = make(self.width)
         self.achieved = cost(self.width)
         self.match_error = self.achieved / target - 1.0
         self.channels_last = channels_last and len(in_shape) == 3

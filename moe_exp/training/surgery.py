@@ -65,7 +65,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return candidate
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_run_checkpoint(path: str | Path) -> dict[str, Any]:
     """A run folder's best checkpoint or a ``.ckpt`` (tensors and plain containers only)."""
     return checkpoints.load_checkpoint(resolve_checkpoint(path))
 
@@ -84,7 +84,7 @@ def expert_state(checkpoint: Mapping[str, Any] | str | Path, index: int) -> dict
     """Expert ``index``'s own state_dict (parameters and buffers) from a checkpoint (or its
     path), ready for ``expert.load_state_dict``."""
     if not isinstance(checkpoint, Mapping):
-        checkpoint = load_checkpoint(checkpoint)
+        checkpoint = load_run_checkpoint(checkpoint)
     prefix = f"{EXPERT_PREFIX}{index}."
     tensors = checkpoint["state_dict"]
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -15,8 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from moe_exp.app.build import build_components
-from moe_exp.app.cli import resume_argv
-from moe_exp.app.run import _check_same_schedule, _first_epoch_after
+from moe_exp.app.resume import check_same_schedule, first_epoch_after, resume_argv
 from moe_exp.errors import ConfigError, MoeExpError
 from moe_exp.training.checkpoints import SHOWN_MISMATCHES, check_fits, load_checkpoint
 from tests.conftest import CLI, QUICK, compose_config, run_cli, single_run_dir
@@ -200,9 +199,9 @@ def test_the_first_epoch_after_a_checkpoint_follows_the_fit_loop_progress():
         progress = {"current": {"processed": processed}}
         return {"epoch": epoch, "loops": {"fit_loop": {"epoch_progress": progress}}}
 
-    assert _first_epoch_after(saved(1, 1)) == 1  # stopped inside epoch 1: it runs again
-    assert _first_epoch_after(saved(0, 1)) == 1  # saved at epoch 0's end: epoch 1 is next
-    assert _first_epoch_after({"epoch": 2}) == 2  # no loop state: the saved epoch
+    assert first_epoch_after(saved(1, 1)) == 1  # stopped inside epoch 1: it runs again
+    assert first_epoch_after(saved(0, 1)) == 1  # saved at epoch 0's end: epoch 1 is next
+    assert first_epoch_after({"epoch": 2}) == 2  # no loop state: the saved epoch
 
 
 def test_a_resume_on_another_rank_leaves_the_metrics_to_rank_0(tmp_path, monkeypatch):
@@ -223,12 +222,12 @@ def test_the_schedule_check_skips_constant_rates_and_keys_an_old_run_lacks(tmp_p
     saved = tmp_path / "config.yaml"
     OmegaConf.save(compose_config([*QUICK, "optim.scheduler=none"]), saved)
     longer = compose_config([*QUICK, "optim.scheduler=none", "trainer.max_epochs=3"])
-    _check_same_schedule(tmp_path, saved, longer)  # no schedule: any length resumes
+    check_same_schedule(tmp_path, saved, longer)  # no schedule: any length resumes
     cfg = compose_config(QUICK)
     OmegaConf.save(OmegaConf.masked_copy(cfg, ["optim", "trainer"]), saved)  # no data section
-    _check_same_schedule(tmp_path, saved, compose_config([*QUICK, "data.batch_size=32"]))
+    check_same_schedule(tmp_path, saved, compose_config([*QUICK, "data.batch_size=32"]))
     with pytest.raises(ConfigError, match=r"trainer\.max_epochs=3 \(the run has 1\)"):
-        _check_same_schedule(tmp_path, saved, compose_config([*QUICK, "trainer.max_epochs=3"]))
+        check_same_schedule(tmp_path, saved, compose_config([*QUICK, "trainer.max_epochs=3"]))
 
 
 # -- kill and resume ------------------------------------------------------------------------

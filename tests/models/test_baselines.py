@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_exp.app.build import build_components
-from moe_exp.app.config import build, validate
+from moe_exp.app.config import instantiate, validate
 from moe_exp.errors import ConfigError
 from moe_exp.measure.cost import flops_per_sample
 from moe_exp.models import DenseBaseline, match_width
@@ -22,13 +22,13 @@ IN_SHAPE, CLASSES = (3, 32, 32), 16
 
 def _model(overrides):
     cfg = compose_config(overrides)
-    return build(
+    return instantiate(
         cfg.model,
         in_shape=IN_SHAPE,
         num_classes=CLASSES,
         num_experts=cfg.experts,
-        expert=build(cfg.expert),
-        router=build(cfg.gate),
+        expert=instantiate(cfg.expert),
+        router=instantiate(cfg.gate),
         regularizers={},
     )
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_exp.app.build import build_components
-from moe_exp.app.config import build, validate
+from moe_exp.app.config import instantiate, validate
 from moe_exp.errors import ConfigError
 from moe_exp.training.strategies import (
     EMStrategy,
@@ -65,7 +65,7 @@ def watched_fit(cfg, run_dir):
     datamodule, module, trainer = seeded_build(cfg, run_dir)
     watch = StageWatch()
     trainer.callbacks.insert(0, watch)
-    strategy = build(cfg.strategy)
+    strategy = instantiate(cfg.strategy)
     strategy.fit(trainer, module, datamodule)
     return trainer, module, watch
 
@@ -213,7 +213,7 @@ class ResumeWatch(L.Callback):
 def _staged(run_dir, stages=THREE_STAGES):
     cfg = compose_config([*SMALL, "strategy=hierarchical", stages])
     datamodule, module, trainer = seeded_build(cfg, run_dir)
-    strategy = build(cfg.strategy)
+    strategy = instantiate(cfg.strategy)
     return datamodule, module, trainer, strategy
 
 

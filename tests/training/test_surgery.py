@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_exp.app.build import build_components
-from moe_exp.app.config import build
+from moe_exp.app.config import instantiate
 from moe_exp.errors import ConfigError
 from moe_exp.moe.experts import CNNExpert, MLPExpert
 from moe_exp.training.strategies import JointStrategy
@@ -172,7 +172,7 @@ def _hierarchical(run_dir, tmp_path, train):
         )
     )
     datamodule, module, trainer = seeded_build(cfg, tmp_path)
-    strategy = build(cfg.strategy)
+    strategy = instantiate(cfg.strategy)
     return strategy, trainer, module, datamodule
 
 
