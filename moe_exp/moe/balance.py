@@ -86,7 +86,13 @@ def gate_entropy_loss(routing: Routing) -> Tensor:
 
 
 class Regularizer(nn.Module):
-    """A weighted auxiliary loss; ``forward`` returns the unweighted value."""
+    """A weighted auxiliary loss; ``forward`` returns the unweighted value.
+
+    ``needs_experts``: the loss reads the experts, not only the routing record (the MoE
+    layer hands them over with ``attach``).
+    """
+
+    needs_experts = False
 
     def __init__(self, weight: float) -> None:
         super().__init__()

@@ -164,7 +164,7 @@ class MoE(nn.Module):
         self.experts = experts if grouped else nn.ModuleList(experts)
         self.regularizers = nn.ModuleDict(dict(regularizers or {}))
         for reg in self.regularizers.values():  # e.g. tree balance: a penalty of the experts
-            if getattr(reg, "needs_experts", False):
+            if reg.needs_experts:
                 reg.attach(self.experts if grouped else list(self.experts))
         self.transform = transform
 

@@ -1,10 +1,12 @@
 import math
 
+import pytest
 import torch
 
 from moe_exp.moe import (
     GateEntropyLoss,
     LoadEntropyLoss,
+    Regularizer,
     Routing,
     ZLoss,
     cv_squared,
@@ -123,3 +125,25 @@ def test_new_losses_have_gradients():
     for loss in (z_loss, load_entropy_loss, gate_entropy_loss, load_loss):
         (g,) = torch.autograd.grad(loss(r), logits, retain_graph=True)
         assert g.abs().sum() > 0, loss.__name__
+
+
+def _regularizers(cls=Regularizer):
+    """Every regularizer class the library defines (subclasses of subclasses too)."""
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _regularizers(sub)
+
+
+ROUTER_LOSSES = [c for c in _regularizers() if not c.needs_experts]  # tree balance: own tests
+
+
+@pytest.mark.parametrize("cls", ROUTER_LOSSES, ids=lambda c: c.__name__)
+def test_every_router_loss_is_a_finite_scalar_with_gradients(cls):
+    torch.manual_seed(0)
+    logits = torch.randn(16, 4, requires_grad=True)
+    top = logits.topk(2, dim=-1)
+    r = Routing(logits, logits.softmax(-1), top.values.softmax(-1), top.indices)
+    value = cls()(r)
+    assert value.shape == () and torch.isfinite(value)  # entropy bonuses may be negative
+    (grad,) = torch.autograd.grad(value, logits)
+    assert grad.abs().sum() > 0

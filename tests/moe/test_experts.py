@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from moe_exp.moe.experts import EXPERTS as ALL_EXPERTS
 from moe_exp.moe.experts import (
     CNNExpert,
-    LinearExpert,
     MLPExpert,
     ResNetExpert,
     SoftTreeExpert,
@@ -19,7 +19,7 @@ from moe_exp.moe.experts import (
 from moe_exp.moe.routing import Routing
 
 C = 5
-EXPERTS = [LinearExpert, MLPExpert, CNNExpert, ResNetExpert, SoftTreeExpert]
+EXPERTS = list(ALL_EXPERTS.values())  # every expert kind the library defines
 SHAPES = [(3, 16, 16), (12,)]
 
 
