@@ -14,6 +14,31 @@ from moe_exp.app.config import instantiate
 from moe_exp.errors import ConfigError
 
 
+def build_model(cfg: DictConfig, in_shape: Any, num_classes: int) -> Any:
+    """The configured model (before any surgery) for inputs of ``in_shape``."""
+    return instantiate(
+        cfg.model,
+        in_shape=in_shape,
+        num_classes=num_classes,
+        num_experts=cfg.experts,
+        expert=instantiate(cfg.expert),
+        router=instantiate(cfg.gate),
+        regularizers=instantiate(cfg.get("regularizer")) or {},
+    )
+
+
+def describe(cfg: DictConfig, in_shape: Any, num_classes: int) -> dict[str, Any]:
+    """What a checkpoint carries to say what it is: enough to rebuild its model anywhere."""
+    import moe_exp
+
+    return {
+        "version": moe_exp.__version__,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "in_shape": [int(s) for s in in_shape],
+        "num_classes": int(num_classes),
+    }
+
+
 def build_components(cfg: DictConfig) -> tuple[Any, Any]:
     """The datamodule (set up) and the LightningModule wrapping the configured model."""
     from moe_exp.training.module import MoEClassifierModule
@@ -21,25 +46,16 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
     surgery, new_expert = _surgery(cfg)  # before the data, so a typo there fails at once
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    expert, router = instantiate(cfg.expert), instantiate(cfg.gate)
-    model = instantiate(
-        cfg.model,
-        in_shape=datamodule.in_shape,
-        num_classes=datamodule.num_classes,
-        num_experts=cfg.experts,
-        expert=expert,
-        router=router,
-        regularizers=instantiate(cfg.get("regularizer")) or {},
-    )
+    in_shape, num_classes = datamodule.in_shape, datamodule.num_classes
+    model = build_model(cfg, in_shape, num_classes)
     frozen = []
     if surgery is not None:
-        frozen = surgery.apply(
-            model, expert, router, datamodule.in_shape, datamodule.num_classes, new_expert
-        )
-    module = MoEClassifierModule(
-        model, datamodule.num_classes, latents=datamodule.latent_spec(), **cfg.optim
-    )
+        # the surgery builds its own expert and router partials, as the model did
+        expert, router = instantiate(cfg.expert), instantiate(cfg.gate)
+        frozen = surgery.apply(model, expert, router, in_shape, num_classes, new_expert)
+    module = MoEClassifierModule(model, num_classes, latents=datamodule.latent_spec(), **cfg.optim)
     module.frozen_modules = frozen
+    module.description = describe(cfg, in_shape, num_classes)
     return datamodule, module
 
 

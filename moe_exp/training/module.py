@@ -92,6 +92,9 @@ class MoEClassifierModule(L.LightningModule):
         # Modules that must not change (expert surgery freezes them, moe_exp.training.surgery): kept
         # in eval mode through training, so dropout is off and BatchNorm statistics stay put.
         self.frozen_modules: list[nn.Module] = []
+        # what the checkpoints say they are (version, resolved config, input shape), set by
+        # the app's build; read back by moe_exp.load
+        self.description: dict[str, Any] = {}
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Routing]]:
         return self.model(x)
@@ -298,6 +301,8 @@ class MoEClassifierModule(L.LightningModule):
         can be taken out and loaded into another mixture
         (:func:`moe_exp.training.surgery.expert_state`)."""
         checkpoint["history"] = self.history
+        if self.description:  # the run's config and input shape: the checkpoint says what it is
+            checkpoint["moe_exp"] = self.description
         experts = getattr(getattr(self.model, "moe", None), "experts", None)
         if isinstance(experts, nn.ModuleList):
             checkpoint["experts"] = [

@@ -1,0 +1,62 @@
+"""Self-describing checkpoints and ``moe_exp.load`` in a notebook, without Hydra."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import moe_exp
+from moe_exp.app.config import instantiate
+from moe_exp.errors import MoeExpError
+from moe_exp.training.checkpoints import load_checkpoint
+from tests.conftest import TINY, run_cli, single_run_dir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("load")
+    out = run_cli(*TINY, cwd=root)
+    assert out.returncode == 0, out.stderr
+    return single_run_dir(root)
+
+
+def _test_accuracy(model, cfg):
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    split = datamodule.splits["test"]
+    size = cfg.data.eval_batch_size
+    with torch.no_grad():
+        correct = sum(
+            int((model(x)[0].argmax(-1) == y).sum())
+            for x, y in zip(split.images.split(size), split.labels.split(size), strict=True)
+        )
+    return correct / len(split)
+
+
+def test_a_copied_best_checkpoint_rebuilds_its_model_alone(trained, tmp_path):
+    alone = tmp_path / "copied.ckpt"
+    shutil.copy(trained / "checkpoints" / "best.ckpt", alone)
+    checkpoint = load_checkpoint(alone)
+    assert checkpoint["moe_exp"]["version"] == moe_exp.__version__
+    assert checkpoint["moe_exp"]["config"]["experts"] == 4
+    model, cfg = moe_exp.load(alone)
+    assert not model.training and cfg.gate._target_.endswith("NoisyTopKGate")
+    log_probs, routings = model(torch.zeros(2, *checkpoint["moe_exp"]["in_shape"]))
+    assert log_probs.shape == (2, checkpoint["moe_exp"]["num_classes"]) and len(routings) == 1
+    summary = json.loads((trained / "summary.json").read_text())
+    assert _test_accuracy(model, cfg) == summary["test/acc"]
+
+
+def test_an_older_checkpoint_without_its_config_loads_from_its_run_folder(trained, tmp_path):
+    run = tmp_path / "old_run"
+    shutil.copytree(trained, run)
+    path = run / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["moe_exp"]
+    torch.save(checkpoint, path)
+    model, cfg = moe_exp.load(run)
+    assert _test_accuracy(model, cfg) == json.loads((run / "summary.json").read_text())["test/acc"]
+    shutil.copy(path, tmp_path / "orphan.ckpt")
+    with pytest.raises(MoeExpError, match="does not say what it is"):
+        moe_exp.load(tmp_path / "orphan.ckpt")
