@@ -222,6 +222,7 @@ def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any
     """FLOPs per input, expert similarity and the routing pictures of the tested model."""
     from moe_exp.measure.cost import flops_per_sample
     from moe_exp.measure.plots import run_plots, similarity_heatmap
+    from moe_exp.measure.routing_table import routing_rows, write_routing_table
     from moe_exp.measure.similarity import expert_similarity, similarity_summary
 
     probe = datamodule.splits["test"].images[:PROBE_INPUTS]
@@ -237,6 +238,20 @@ def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any
     for i, cka in enumerate(matrices):
         tag = f"layer{i}_" if len(matrices) > 1 else ""
         paths.append(similarity_heatmap(cka, plots_dir / f"{tag}expert_similarity.png"))
+    results["routing_tables"] = [
+        str(write_routing_table(run_dir / "routing" / f"{split}.csv", rows).relative_to(run_dir))
+        for split in ("test", "val")
+        if len(datamodule.splits[split])
+        for rows in [
+            routing_rows(
+                module.model,
+                datamodule.splits[split],
+                datamodule.eval_batch_size,
+                datamodule.latent_names,
+                datamodule.latent_values,
+            )
+        ]
+    ]
     return results, paths
 
 

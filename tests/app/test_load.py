@@ -60,3 +60,20 @@ def test_an_older_checkpoint_without_its_config_loads_from_its_run_folder(traine
     shutil.copy(path, tmp_path / "orphan.ckpt")
     with pytest.raises(MoeExpError, match="does not say what it is"):
         moe_exp.load(tmp_path / "orphan.ckpt")
+
+
+def test_every_run_writes_a_routing_table_that_agrees_with_its_summary(trained):
+    import csv
+
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["routing_tables"] == ["routing/test.csv", "routing/val.csv"]
+    rows = list(csv.DictReader((trained / "routing" / "test.csv").open()))
+    assert len(rows) == 128 and [int(r["index"]) for r in rows] == list(range(128))
+    correct = sum(r["label"] == r["prediction"] for r in rows)
+    assert correct / len(rows) == summary["test/acc"]
+    for row in rows:
+        assert row["shape"] in ("circle", "square", "triangle", "cross")
+        weights = [float(row[f"weight_{j}"]) for j in (1, 2)]
+        assert weights[0] >= weights[1] and abs(sum(weights) - 1) < 1e-4  # top-2, renormalised
+        assert row["expert_1"] != row["expert_2"] and row["dropped"] == "0"
+        assert abs(sum(float(row[f"p_e{e}"]) for e in range(4)) - 1) < 1e-4
