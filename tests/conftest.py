@@ -82,3 +82,13 @@ def quick_sweep(tmp_path_factory) -> Path:
     out = run_cli("-m", *QUICK, "gate=topk,noisy_topk", "seed=0,1", cwd=root)
     assert out.returncode == 0, out.stderr
     return single_sweep_dir(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The folder of one real, tiny, completed training run, shared by the tests that read
+    a finished run (load, evaluate, routing table). Tests must not write into it."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    out = run_cli(*TINY, cwd=root)
+    assert out.returncode == 0, out.stderr
+    return single_run_dir(root)

@@ -133,7 +133,7 @@ def objective_value(cfg: DictConfig, results: Mapping[str, Any]) -> float | list
     return values[0] if isinstance(objective, str) else values
 
 
-def _quiet_lightning() -> None:
+def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -289,7 +289,7 @@ def _train_and_test(
     from moe_exp.training.callbacks import CollapseAlarm
     from moe_exp.training.checkpoints import check_fits, load_checkpoint
 
-    _quiet_lightning()
+    quiet_lightning()
     torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 

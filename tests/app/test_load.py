@@ -10,15 +10,11 @@ import moe_exp
 from moe_exp.app.config import instantiate
 from moe_exp.errors import MoeExpError
 from moe_exp.training.checkpoints import load_checkpoint
-from tests.conftest import TINY, run_cli, single_run_dir
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("load")
-    out = run_cli(*TINY, cwd=root)
-    assert out.returncode == 0, out.stderr
-    return single_run_dir(root)
+@pytest.fixture
+def trained(tiny_run):
+    return tiny_run
 
 
 def _test_accuracy(model, cfg):
