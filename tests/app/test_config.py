@@ -32,9 +32,10 @@ PARTNERS = {("regularizer", "tree_balance"): ["expert=tree"]}
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_option_composes_instantiates_and_runs_a_batch(group, option, tmp_path):
     extra = list(PARTNERS.get((group, option), []))
-    if group == "data" and option in ON_DISK:  # real on-disk formats, written small
+    if group == "data" and option in (*ON_DISK, "image_folder"):  # real files, written small
         write(option, tmp_path)
-        extra += [f"data.root={tmp_path}", "data.check_md5=false"]
+        extra += [f"data.root={tmp_path}"]
+        extra += ["data.check_md5=false"] if option in ON_DISK else []
     cfg = compose_config([*QUICK, f"{group}={option}", *extra])
     validate(cfg)
     datamodule, module = build_components(cfg)

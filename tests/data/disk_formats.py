@@ -110,8 +110,30 @@ def write_svhn(root: Path) -> tuple[int, int]:
     return N_TRAIN, N_TEST
 
 
+def write_image_folder(root: Path, classes=("circle", "square", "stripes"), per_class=12):
+    """PNGs of three visibly different classes, in ImageFolder's train/<class>/ layout, of
+    mixed sizes and modes (PIL resizes and converts them)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(classes):
+        folder = Path(root) / "train" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            size = 20 + 4 * (i % 3)
+            pixels = rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
+            pixels[..., label] += 200  # each class its own dominant colour
+            mode_image = Image.fromarray(pixels)
+            if i % 4 == 0:
+                mode_image = mode_image.convert("L")
+            mode_image.save(folder / f"{i}.png")
+    return len(classes) * per_class, 0
+
+
 def write(name: str, root: Path) -> tuple[int, int]:
     root = Path(root)
+    if name == "image_folder":
+        return write_image_folder(root)
     if name == "mnist":
         return write_mnist(root, "MNIST")
     if name == "fashion_mnist":
