@@ -23,7 +23,7 @@ skipped, and listed as such).
 Prints tables and writes outputs/benchmarks/bench_layer.json. glibc's malloc unmaps and
 remaps big freed tensors every iteration, which distorts neighbouring measurements, so the
 script re-executes itself with MALLOC_MMAP_MAX_=0 and a large MALLOC_TRIM_THRESHOLD_ when
-they are unset (DESIGN.md, "Benchmarks").
+they are unset (see benchmarks/timing.py).
 
     python benchmarks/bench_layer.py                 # full grid, torch's default threads
     python benchmarks/bench_layer.py --threads 1 --profile

@@ -1,8 +1,8 @@
 """What the benchmark scripts share: a steady allocator and interleaved timing.
 
 glibc's malloc unmaps and remaps big freed tensors every iteration, which can make a
-neighbouring measurement 10-60x slower (DESIGN.md, "Benchmarks"); :func:`steady_malloc`
-re-executes the script with that turned off. Import this module before torch.
+neighbouring measurement 10-60x slower; :func:`steady_malloc` re-executes the script with
+that turned off. Import this module before torch.
 """
 
 from __future__ import annotations

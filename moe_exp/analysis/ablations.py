@@ -3,7 +3,7 @@ functions below (``ablation.check``); ``moe-exp-report`` calls it on the sweep's
 writes whether each published finding **holds** or **does not hold**, with the numbers.
 
 A check never tunes anything: it reads the means over seeds of the completed runs and
-compares them with the expectation written in the issue/paper. A claim whose runs are
+compares them with the paper's expectation (or the preset's own bar). A claim whose runs are
 missing (failed, diverged, not run) is reported as *not checked*, never as holding.
 """
 
@@ -212,7 +212,7 @@ def clusters(results: Results, single: str = "1", moe: str = "4") -> list[Verdic
 def specialisation(
     results: Results, attributes: Sequence[str] = ("shape", "colour"), bar: float = 0.5
 ) -> list[Verdict]:
-    """The seed's shape/colour example: do experts come to specialise by one attribute?"""
+    """The shapes & colours example: do experts come to specialise by one attribute?"""
     nmi = {
         (s, a): results.mean(f"test/nmi_{a}", strategy=s)
         for s in results.values("strategy")
@@ -239,7 +239,7 @@ def specialisation(
 
 
 def strategies(results: Results, bar: float = 0.9) -> list[Verdict]:
-    """Issue 4's bar for the strategy axis: every strategy trains to ``bar`` test accuracy."""
+    """A bar for the strategy axis: every strategy trains to ``bar`` test accuracy."""
     rows = {
         (s, d): (
             results.mean("test/acc", strategy=s, data=d),

@@ -1,16 +1,13 @@
 """A LightningDataModule for datasets that fit in memory, served a whole batch per index.
 
-Indexing one sample at a time and collating costs milliseconds per step on a small CPU
-(see DESIGN.md); here the sampler yields lists of indices and the dataset slices tensors.
+Indexing one sample at a time and collating pays a per-sample cost at every step; here the
+sampler yields lists of indices and the dataset slices tensors. Every dataset shares one
+pipeline, so the common options (``conf/data/_common/defaults.yaml``) mean the same anywhere:
 
-Every dataset shares one pipeline, so the common options mean the same thing everywhere
-(their defaults live in ``conf/data/_common/defaults.yaml``):
-
-1. ``build_splits()`` (the subclass) returns "train" and "test", and "val" if the dataset
-   has one; uint8 images are scaled to [0, 1].
+1. ``build_splits()`` (the subclass) gives "train", "test" and maybe "val"; uint8 scaled to [0, 1].
 2. No "val": ``val_fraction`` of train is held out (seeded, class-stratified).
-3. ``train_fraction`` then ``n_train`` shrink the training split (seeded, class-stratified,
-   exact counts); ``n_val`` / ``n_test`` cap the evaluation splits the same way.
+3. ``train_fraction`` then ``n_train`` shrink the training split, ``n_val`` / ``n_test`` cap
+   the evaluation splits (seeded, class-stratified, exact counts).
 4. ``label_noise`` flips exactly round(fraction · N_train) *training* labels to another class;
    the true label is kept as the latent ``clean_label`` (in every split).
 5. Every split is standardised per channel with the training split's statistics.

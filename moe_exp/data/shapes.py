@@ -1,21 +1,17 @@
-"""Procedural shapes & colours: the seed's showcase for expert specialisation.
+"""Procedural shapes & colours: a dataset built to show expert specialisation.
 
 Each image is one filled shape of one colour on a noisy background, at a random position and
 size, optionally over distractors (``clutter``: small blobs and thin lines in random colours,
 drawn beneath the shape). Every sample keeps its latent attributes so metrics can ask whether
 experts specialised by shape, by colour, or by sub-population.
 
-Sub-populations (``clusters``) follow the setting of Chen et al. (2022), "Towards
-understanding the mixture-of-experts layer in deep learning": the data is a union of
-clusters that each need their own features, so a mixture can win by routing per cluster.
-A ``cluster_fraction`` of the images (stratified over classes) is transformed by one of
-``rotate90``, ``flip`` (upside down), ``invert`` (1 − colour) or ``channel_swap``
-(RGB → GBR); the label keeps the *drawn* shape and colour, and the latent ``cluster`` says
-which transform (0 = plain).
-
-Generation is vectorised: all per-sample parameters are drawn first, then images are
-rendered in chunks of a few thousand (masks from a coordinate grid, one pass per shape
-kind). The output depends only on the seed and the options.
+Sub-populations (``clusters``) follow Chen et al. (2022), "Towards understanding the
+mixture-of-experts layer in deep learning": a union of clusters that each need their own
+features, so a mixture can win by routing per cluster. A ``cluster_fraction`` of the images
+(stratified over classes) is transformed by ``rotate90``, ``flip`` (upside down), ``invert``
+(1 − colour) or ``channel_swap`` (RGB → GBR); the label keeps the *drawn* shape and colour,
+the latent ``cluster`` says which transform (0 = plain). Generation is vectorised (parameters
+drawn first, images rendered in chunks); the output depends only on the seed and the options.
 """
 
 from __future__ import annotations

@@ -4,16 +4,14 @@ Each dataset is read once through its torchvision class (so the on-disk layout i
 torchvision's, and a folder downloaded by torchvision elsewhere works as is), then served as
 whole-batch tensors by :class:`InMemoryDataModule`. Nothing is downloaded unless
 ``data.download=true``; missing files raise :class:`DataNotFoundError` naming the folder,
-the files and how to get them. The file lists come from torchvision's own class attributes.
+the files (from torchvision's own class attributes) and how to get them. ``fake`` wraps
+torchvision's ``FakeData`` (random images and labels) for smoke tests of any image shape.
 
 Layouts under ``root`` (torchvision's):
   MNIST/raw/, FashionMNIST/raw/   train-images-idx3-ubyte, ... (idx files, uncompressed)
   cifar-10-batches-py/            data_batch_1..5, test_batch, batches.meta (pickles)
   cifar-100-python/               train, test, meta (pickles)
   train_32x32.mat, test_32x32.mat (and extra_32x32.mat)   SVHN, directly in root
-
-``fake`` wraps torchvision's ``FakeData`` (random images and labels) for smoke tests of any
-image size, channel count and class count.
 """
 
 from __future__ import annotations

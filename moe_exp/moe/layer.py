@@ -97,7 +97,7 @@ def dispatch_combine(
     # exactly nothing to the output or to any gradient
     rows_in, weights_in = layout.place(rows), layout.pad(weights)
     # index_select, not x[rows]: its backward is an index_add_, where advanced indexing's is
-    # an accumulating index_put_ (forward+backward on [4096, 256], 2 threads: 2.4 vs 3.7 ms)
+    # an accumulating index_put_, which is slower
     x_in = x.index_select(0, rows_in)
     out = experts.forward_laid_out(x_in, layout) if laid_out else run_experts(experts, x_in, counts)
     if record_predictions:

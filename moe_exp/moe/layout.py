@@ -21,8 +21,7 @@ class ExpertLayout:
 
     A group of one expert is one matmul on its block of rows. A group of two experts is one
     ``bmm`` over both, each block padded to the larger one's rows: the BLAS spreads the two
-    products over its threads, where it splits one product of few rows poorly (on 2 threads,
-    64-row blocks reach ~105 GFLOP/s one by one but ~135 in pairs; a 4096-row block: ~170).
+    products over its threads, where it splits one product of few rows poorly.
     ``positions`` maps each row sorted by expert to its row in the buffer (None: the buffer
     is the sorted rows themselves, no padding); ``sources`` maps each buffer row to the
     sorted row it reads, a padding row its own expert's last real row (see :meth:`place`).

@@ -135,7 +135,8 @@ class MoEClassifierModule(L.LightningModule):
         """Accumulate a step's accuracy and scalar values; they are logged once per epoch.
 
         torchmetrics accumulates (and syncs across processes); a ``self.log`` per value and
-        step cost ~1 ms each, over 10 % of a training step here.
+        step would add Lightning's logging overhead to every step, a large share of a small
+        model's step.
         """
         self.accuracy[f"acc_{split}"].update(log_probs.detach(), y)
         for name, value in values.items():

@@ -1,31 +1,12 @@
 """Expert surgery: start from a trained mixture's checkpoint and operate on single experts.
 
-The seed's claim for mixtures is modularity: an expert can be replaced, updated or added
-without rebuilding the system. This module makes each of those an override of a run
-(``surgery.*``, conf/surgery/none.yaml), applied to a :class:`~moe_exp.models.MixtureClassifier`
-right after it is built (:func:`moe_exp.app.build.build_components`), in this order:
-
-1. ``init_from``: load a run folder's ``checkpoints/best.ckpt`` (or a ``.ckpt`` file). The
-   config must build the source's architecture (its ``experts``, ``expert``, ``gate``,
-   ``model``); a mismatch fails with the checkpoint's expert count and the bad keys.
-2. ``replace``: expert ids (source numbering) re-initialised fresh, of the kind named by
-   ``surgery.expert`` (an option of conf/expert, e.g. ``mlp``) or, when null, of the kind
-   they were. Their router rows are kept: the fresh expert inherits its slot's inputs.
-3. ``remove``: expert ids (source numbering) dropped with their router rows; the others
-   keep their order and are renumbered 0..E'−1.
-4. ``add``: fresh experts appended (ids E', E'+1, ...); the router gains as many outputs,
-   new rows freshly initialised, the existing rows kept. Any router whose tensors have one
-   axis of length E is resized this way (linear, noisy top-k, hash, cosine, bias-balanced,
-   ...); others fail with a message.
-5. ``graft``: experts copied from other checkpoints, ``[{from: <run or .ckpt>, expert: i,
-   into: j}]`` (j in the final numbering). Every checkpoint stores each expert's tensors under
-   its own prefix (``model.moe.experts.{i}.``, indexed in the checkpoint's ``experts``
-   entry), so :func:`expert_state` / :func:`load_expert` move one expert between mixtures.
-6. ``train``: what trains, the rest frozen for the whole run: ``all`` (default), ``gate``
-   (gating network + router), ``experts``, ``new`` (replaced, added and grafted experts),
-   or an expert id (final numbering). Frozen parameters get ``requires_grad=False`` (so no
-   optimiser holds them) and frozen modules stay in eval mode (no dropout, no BatchNorm
-   statistics drift): they are bit-identical after training.
+A mixture is meant to be modular: an expert can be replaced, updated or added without
+rebuilding the system. This module makes each of those an override of a run (``surgery.*``,
+conf/surgery/none.yaml), applied to a :class:`~moe_exp.models.MixtureClassifier` right after
+it is built (:func:`moe_exp.app.build.build_components`), in the order :class:`Surgery`
+gives: ``init_from``, ``replace``, ``remove``, ``add``, ``graft``, then ``train``. Every
+checkpoint stores each expert's tensors under its own prefix, so :func:`expert_state` /
+:func:`load_expert` move one expert between mixtures.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers
 only, never pickled code.
@@ -155,7 +136,30 @@ def resize_router(old: nn.Module, new: nn.Module, keep: Sequence[int | None]) ->
 # -- the operation ------------------------------------------------------------------------
 @dataclass
 class Surgery:
-    """The ``surgery`` config block (see the module docstring for the order and meaning)."""
+    """The ``surgery`` config block; its operations apply in this order:
+
+    1. ``init_from``: load a run folder's ``checkpoints/best.ckpt`` (or a ``.ckpt`` file).
+       The config must build the source's architecture (its ``experts``, ``expert``,
+       ``gate``, ``model``); a mismatch fails with the checkpoint's expert count and the bad
+       keys.
+    2. ``replace``: expert ids (source numbering) re-initialised fresh, of the kind named by
+       ``expert`` (an option of conf/expert, e.g. ``mlp``) or, when null, of the kind they
+       were. Their router rows are kept: the fresh expert inherits its slot's inputs.
+    3. ``remove``: expert ids (source numbering) dropped with their router rows; the others
+       keep their order and are renumbered 0..E'−1.
+    4. ``add``: fresh experts appended (ids E', E'+1, ...); the router gains as many outputs,
+       new rows freshly initialised, the existing rows kept. Any router whose tensors have
+       one axis of length E is resized this way (linear, noisy top-k, hash, cosine,
+       bias-balanced, ...); others fail with a message.
+    5. ``graft``: experts copied from other checkpoints, ``[{from: <run or .ckpt>, expert: i,
+       into: j}]`` (j in the final numbering). Each checkpoint indexes its experts' tensors
+       (prefix ``model.moe.experts.{i}.``) in its ``experts`` entry.
+    6. ``train``: what trains, the rest frozen for the whole run: ``all`` (default), ``gate``
+       (gating network + router), ``experts``, ``new`` (replaced, added and grafted experts),
+       or an expert id (final numbering). Frozen parameters get ``requires_grad=False`` (so
+       no optimiser holds them) and frozen modules stay in eval mode (no dropout, no
+       BatchNorm statistics drift): they are bit-identical after training.
+    """
 
     init_from: str | None = None
     replace: list[int] = field(default_factory=list)

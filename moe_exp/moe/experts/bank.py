@@ -5,17 +5,13 @@ the routed inputs straight into that buffer and calls :meth:`MLPExpertBank.forwa
 (the ``LaidOutExperts`` protocol of :mod:`moe_exp.moe.layer`); ``forward_grouped`` takes
 inputs already sorted by expert (the plain ``GroupedExperts`` protocol).
 
-How the experts run (measured on a 2-vCPU x86 machine, d=256, hidden=512, 4096 tokens,
-forward+backward, ``benchmarks/bench_layer.py``): one autograd Function per linear layer
-(:class:`GroupedLinear`) writes each block into preallocated outputs and gradients with
-``out=`` products, so there are no per-expert autograd nodes, no ``cat`` of blocks and no
-``stack`` of per-expert weight gradients. On a multi-threaded CPU, when experts get few rows,
-they run in pairs of similar row counts (:class:`ExpertLayout`), one ``bmm`` per pair: the
-bank alone, E=64, k=1 (64 rows per expert), went from 1.73 to 1.41× the dense MLP's time,
-and E=16 (256 rows) from 1.14 to 1.08. Padding every expert to the largest block, one ``bmm``
-in all, lost to the loop: uneven routing makes most padded rows wasted FLOPs. What is left
-at large E is the BLAS on blocks of few rows with many distinct weights; the benchmark's
-``matmul_floor`` table measures it.
+One autograd Function per linear layer (:class:`GroupedLinear`) writes each block into
+preallocated outputs and gradients with ``out=`` products: no per-expert autograd nodes, no
+``cat`` of blocks and no ``stack`` of per-expert weight gradients. On a multi-threaded CPU,
+experts with few rows run in pairs of similar row counts (:class:`ExpertLayout`), one ``bmm``
+per pair, because the BLAS spreads one product of few rows poorly over its threads. Experts
+are not all padded to the largest block: under uneven routing most padded rows would be
+wasted FLOPs. ``benchmarks/bench_layer.py`` compares the layer with a dense MLP.
 """
 
 from __future__ import annotations
@@ -37,8 +33,8 @@ PAIR_BELOW_ROWS = 1024  # mean rows per routed expert under which experts run in
 
 def _batch_of(t: Tensor, experts: tuple[int, ...], transposed: bool = False) -> Tensor:
     """t[experts] as one view (batch stride = their distance), not a copy: experts ascending;
-    ``transposed`` swaps the last two dimensions. One ``as_strided`` call: at E=64 the loop
-    over groups makes thousands of these views per step, and each call costs microseconds."""
+    ``transposed`` swaps the last two dimensions. One ``as_strided`` call: the loop over
+    groups makes a view per group and layer at every step, so per-call overhead adds up."""
     stride = (experts[-1] - experts[0]) * t.stride(0) or t.stride(0)
     shape, strides = list(t.shape[1:]), list(t.stride()[1:])
     if transposed:
@@ -182,9 +178,8 @@ class MLPExpertBank(nn.Module):
     def layout(self, x: Tensor, counts: Sequence[int]) -> ExpertLayout:
         """Pairs of experts (see :class:`ExpertLayout`) on a multi-threaded CPU when blocks
         are small, else one matmul per expert: from 1024 rows per expert a block keeps the
-        threads busy alone and padding only costs (the layer's time, pairs over one matmul
-        per expert, in-process A/B on 2 threads: 1.00-1.03 at 1024 rows, 0.97-0.99 at 512),
-        and a GPU runs small products back to back at full speed."""
+        threads busy alone and padding only costs, and a GPU runs small products back to back
+        at full speed."""
         if len(counts) != self.num_experts:
             raise ValueError(f"{len(counts)} counts for {self.num_experts} experts")
         routed = sum(1 for c in counts if c)

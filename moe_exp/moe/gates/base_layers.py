@@ -15,9 +15,9 @@ class BASEGate(Router):
     Training: each expert gets exactly N/E inputs (ceil(N/E) when E does not divide N),
     chosen to maximise the summed router scores. ``assignment="sinkhorn"`` (default) solves
     this approximately (:func:`sinkhorn_assignment`, as S-BASE, Clark et al. 2022): within 1%
-    of the best total score on random scores, ~12 ms at N=4096, E=16. ``"exact"`` solves it
+    of the best total score on random scores, O(N·E) per iteration. ``"exact"`` solves it
     exactly (:func:`balanced_assignment`; the paper uses an auction algorithm for the same
-    problem), which grows as N³: 28 ms at N=1024, seconds at N=4096. Evaluation: top-1.
+    problem), at a cost that grows as N³, too slow for large batches. Evaluation: top-1.
     The combine weight is σ(score) (``weighting="sigmoid"``, as in the paper, where a
     residual carries the rest) or the softmax probability (``"softmax"``); both < 1.
     """
