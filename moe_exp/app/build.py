@@ -14,15 +14,18 @@ from moe_exp.app.config import instantiate
 from moe_exp.errors import ConfigError
 
 
-def build_model(cfg: DictConfig, in_shape: Any, num_classes: int) -> Any:
-    """The configured model (before any surgery) for inputs of ``in_shape``."""
+def build_model(
+    cfg: DictConfig, in_shape: Any, num_classes: int, expert: Any = None, router: Any = None
+) -> Any:
+    """The configured model (before any surgery) for inputs of ``in_shape``; ``expert`` and
+    ``router`` are the config's partials unless given."""
     return instantiate(
         cfg.model,
         in_shape=in_shape,
         num_classes=num_classes,
         num_experts=cfg.experts,
-        expert=instantiate(cfg.expert),
-        router=instantiate(cfg.gate),
+        expert=expert or instantiate(cfg.expert),
+        router=router or instantiate(cfg.gate),
         regularizers=instantiate(cfg.get("regularizer")) or {},
     )
 
@@ -47,11 +50,10 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     in_shape, num_classes = datamodule.in_shape, datamodule.num_classes
-    model = build_model(cfg, in_shape, num_classes)
+    expert, router = instantiate(cfg.expert), instantiate(cfg.gate)
+    model = build_model(cfg, in_shape, num_classes, expert, router)
     frozen = []
-    if surgery is not None:
-        # the surgery builds its own expert and router partials, as the model did
-        expert, router = instantiate(cfg.expert), instantiate(cfg.gate)
+    if surgery is not None:  # new experts and a resized router from the same partials
         frozen = surgery.apply(model, expert, router, in_shape, num_classes, new_expert)
     module = MoEClassifierModule(model, num_classes, latents=datamodule.latent_spec(), **cfg.optim)
     module.frozen_modules = frozen

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe_exp.app.compose import config_dir
+from moe_exp.app.compose import config_dir, override_key
 from moe_exp.moe.rules import Composition
 
 AXES = ("data", "expert", "gate", "regularizer", "model", "strategy")
@@ -68,11 +68,8 @@ def choices_from(overrides: Sequence[str]) -> dict[str, str]:
 
     if HydraConfig.initialized():
         return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v}
-    return {
-        key: value
-        for key, _, value in (o.lstrip("+").partition("=") for o in overrides)
-        if key in AXES and value
-    }
+    picked = {override_key(o): o.partition("=")[2] for o in overrides}
+    return {key: value for key, value in picked.items() if key in AXES and value}
 
 
 def group_options(group: str, accepts: Callable[[Any], bool]) -> list[str]:
@@ -110,14 +107,14 @@ def component_problems(
             args = own_args(node)
             if args is not None:
                 found.append((path, target, args))
-    explicit = frozenset(o.lstrip("+~").split("=", 1)[0] for o in overrides)
+    explicit = frozenset(override_key(o) for o in overrides)
     run = Composition(
         experts=experts,
         k=k,
         explicit=explicit,
         targets={path: target for path, target, _ in found if path in AXES},
         args={path: args for path, _, args in found if path in AXES},
-        expert_targets=tuple(t for p, t, _ in found if p.split(".")[0].split("[")[0] == "expert"),
+        expert_targets=tuple(t for p, t, _ in found if p.startswith("expert")),
         choices=choices_from(overrides),
         options=group_options,
     )

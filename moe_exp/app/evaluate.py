@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from moe_exp.app.compose import config_dir, override_key
+from moe_exp.app.resume import is_resume_override
 from moe_exp.errors import ConfigError, MoeExpError
 
 EVAL_KEYS = ("run", "ckpt", "split")
@@ -41,7 +42,7 @@ def _evaluated_config(run_dir: Path, extra: list[str]) -> DictConfig:
             f"run={run_dir}: not a run folder (no .hydra/overrides.yaml): give the folder of "
             "one run, e.g. outputs/runs/<date>/<time> or outputs/multiruns/<date>/<time>/<job>"
         )
-    before = [str(o) for o in OmegaConf.load(saved) if override_key(str(o)) != "resume"]
+    before = [str(o) for o in OmegaConf.load(saved) if not is_resume_override(str(o))]
     return hydra.compose("config", overrides=[*before, *extra])
 
 

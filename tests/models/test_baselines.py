@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from moe_exp.app.build import build_components
-from moe_exp.app.config import instantiate, validate
+from moe_exp.app.build import build_components, build_model
+from moe_exp.app.config import validate
 from moe_exp.errors import ConfigError
 from moe_exp.measure.cost import flops_per_sample
 from moe_exp.models import DenseBaseline, match_width
@@ -21,16 +21,7 @@ IN_SHAPE, CLASSES = (3, 32, 32), 16
 
 
 def _model(overrides):
-    cfg = compose_config(overrides)
-    return instantiate(
-        cfg.model,
-        in_shape=IN_SHAPE,
-        num_classes=CLASSES,
-        num_experts=cfg.experts,
-        expert=instantiate(cfg.expert),
-        router=instantiate(cfg.gate),
-        regularizers={},
-    )
+    return build_model(compose_config(overrides), IN_SHAPE, CLASSES)
 
 
 @pytest.mark.parametrize("expert", ["cnn", "mlp"])
