@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from moe_exp.app.compose import config_dir
+from moe_exp.app.help import help_text, wants_help
 from moe_exp.app.launch import check_launch
 from moe_exp.app.resume import is_resume_override, resume_argv
 
@@ -104,9 +105,28 @@ def _app(cfg: DictConfig) -> float | list[float]:
         raise
 
 
+# Hydra's flags that take no value: argparse reads overrides only before the first of them,
+# so ``moe-exp gate=topk -m experts=4,8`` would be refused; they are moved to the front.
+VALUELESS_FLAGS = ("-m", "--multirun", "-r", "--run", "--resolve", "--help", "-h", "--hydra-help")
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """The command line with Hydra's value-less flags before the overrides."""
+    rest = argv[1:]
+    flags = [a for a in rest if a in VALUELESS_FLAGS]
+    return [argv[0], *flags, *(a for a in rest if a not in VALUELESS_FLAGS)]
+
+
 def main() -> None:
-    sys.argv = resume_argv(sys.argv)
-    _app()
+    sys.argv = flags_first(resume_argv(sys.argv))
+    try:
+        text = help_text(sys.argv) if wants_help(sys.argv) else None
+        if text is not None:
+            print(text)
+            return
+        _app()
+    except BrokenPipeError:  # `moe-exp --help | head`: the reader has all it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (nothing more may reach the pipe)
 
 
 if __name__ == "__main__":

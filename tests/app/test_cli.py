@@ -73,8 +73,8 @@ def test_a_2x2_multirun_makes_four_job_folders(quick_sweep):
     assert len(seen) == 4
 
 
-def test_the_users_own_command_works(cli, tmp_path):
-    out = cli("gate=noisy_topk", "experts=8", *QUICK, "-m")
+def test_the_users_own_command_works_with_overrides_on_both_sides_of_m(cli, tmp_path):
+    out = cli("gate=noisy_topk", "-m", "experts=8", *QUICK)
     assert out.returncode == 0, out.stderr
     (summary,) = tmp_path.glob("outputs/multiruns/*/*/0/summary.json")
     data = json.loads(summary.read_text())
