@@ -43,11 +43,13 @@ def describe(cfg: DictConfig, in_shape: Any, num_classes: int) -> dict[str, Any]
 
 
 def build_components(cfg: DictConfig) -> tuple[Any, Any]:
-    """The datamodule (set up) and the LightningModule wrapping the configured model."""
+    """The datamodule (set up, as Lightning takes it) and the LightningModule wrapping the
+    configured model."""
+    from moe_exp.training.adapters import lightning_data
     from moe_exp.training.module import MoEClassifierModule
 
     surgery, new_expert = _surgery(cfg)  # before the data, so a typo there fails at once
-    datamodule = instantiate(cfg.data)
+    datamodule = lightning_data(instantiate(cfg.data))
     datamodule.setup()
     in_shape, num_classes = datamodule.in_shape, datamodule.num_classes
     expert, router = instantiate(cfg.expert), instantiate(cfg.gate)

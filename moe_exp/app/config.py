@@ -25,7 +25,7 @@ from omegaconf import (
 )
 from omegaconf.errors import OmegaConfBaseException
 
-from moe_exp.app.components import Unimportable, component_problems, locate, min_value
+from moe_exp.app.components import AXES, Unimportable, component_problems, locate, min_value
 from moe_exp.errors import (
     NONNEGATIVE,
     POSITIVE,
@@ -143,7 +143,10 @@ def _range_problems(cfg: DictConfig, typed: dict[str, dict[str, Any]], skip: set
     for path, name, value, owner in _leaves(cfg):
         if path in skip:
             continue
-        rule = _owner_rule(owner, name, located) or REQUIRED.get(path) or RANGES.get(name)
+        # only the component axes' classes declare ``min_values``; the trainer's and the
+        # loggers' classes are Lightning's, not imported to be checked
+        owned = owner if path.split(".", 1)[0] in AXES else ""
+        rule = _owner_rule(owned, name, located) or REQUIRED.get(path) or RANGES.get(name)
         if rule is None:
             continue
         section, _, key = path.rpartition(".")

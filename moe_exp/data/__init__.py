@@ -1,1 +1,2 @@
-"""LightningDataModules for the dataset axis (``data=``)."""
+"""Datamodules for the dataset axis (``data=``): Lightning's datamodule hooks, in plain classes
+(no Lightning import), so a config is checked without importing Lightning."""

@@ -1,4 +1,4 @@
-"""A LightningDataModule for datasets that fit in memory, served a whole batch per index.
+"""A datamodule for datasets that fit in memory, served a whole batch per index.
 
 Indexing one sample at a time and collating pays a per-sample cost at every step; here the
 sampler yields lists of indices and the dataset slices tensors. Every dataset shares one
@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
@@ -67,9 +66,11 @@ class _BatchView(Dataset):
         return images, s.labels[idx], s.latents[idx]
 
 
-class InMemoryDataModule(L.LightningDataModule):
+class InMemoryDataModule:
     """Subclasses implement :meth:`build_splits` and :attr:`class_names`; batches are
-    (images, labels, latents).
+    (images, labels, latents). It has Lightning's datamodule hooks (``setup``,
+    ``*_dataloader``) without being a Lightning class: the trainer gets it through
+    :func:`moe_exp.training.adapters.lightning_data`.
 
     ``latent_names`` names the columns of ``latents`` (empty when the data has none);
     ``discrete_latents`` lists the categorical ones (shape, colour, cluster, clean_label) and

@@ -26,25 +26,13 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from moe_exp.errors import ConfigError, DivergedError
-from moe_exp.moe import MoE, Routing, RoutingStats
+from moe_exp.moe import Routing, RoutingStats
+from moe_exp.training.optim import make_schedule, router_parameters
 
 SPLITS = ("train", "val", "test")
 EXAMPLES_PER_EXPERT = 8
 EPOCH_LINE_VAL_KEYS = ("loss", "acc", "cv_load", "max_mean_load")
 log = logging.getLogger("moe_exp")
-
-
-def router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The routing side of a model: a separate gating network (``gate_encoder``) and the
-    router of every MoE layer. Everything else (experts, backbone, head) is the rest."""
-    params: list[nn.Parameter] = []
-    encoder = getattr(model, "gate_encoder", None)
-    if isinstance(encoder, nn.Module):
-        params += list(encoder.parameters())
-    for module in model.modules():
-        if isinstance(module, MoE):
-            params += list(module.router.parameters())
-    return params
 
 
 class MoEClassifierModule(L.LightningModule):
@@ -351,17 +339,3 @@ class MoEClassifierModule(L.LightningModule):
         if schedule is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def make_schedule(kind: str, optimizer: torch.optim.Optimizer, steps: int) -> Any:
-    """The per-step learning-rate schedule (None for ``none``); one-cycle peaks at each
-    group's own lr (Smith & Topin 2017, "Super-convergence")."""
-    steps = max(int(steps), 1)
-    if kind == "none":
-        return None
-    if kind == "onecycle":
-        peaks = [g["lr"] for g in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=steps)
-    if kind == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    raise ValueError(f"unknown scheduler {kind!r}")

@@ -13,7 +13,7 @@ from moe_exp.app.config import validate
 from moe_exp.errors import ConfigError
 from moe_exp.measure.cost import flops_per_sample
 from moe_exp.models import DenseBaseline, match_width
-from moe_exp.training.module import router_parameters
+from moe_exp.training.optim import router_parameters
 from moe_exp.training.strategies import JointStrategy
 from tests.conftest import TINY, compose_config, seeded_build
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -72,7 +71,7 @@ class EMStrategy(StagedStrategy):
         self._epochs, self._lr, self.schedule = epochs, lr, schedule
         super().__init__([])
 
-    def attach(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
+    def attach(self, trainer: Any, module: Any, datamodule: Any) -> None:
         epochs = self._epochs or trainer.max_epochs
         lr = self._lr or module.lr
         if self.schedule == "batch":

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,7 +57,7 @@ class HierarchicalStrategy(StagedStrategy):
         self.gate_target, self.gate_temperature = gate_target, gate_temperature
         self.partition: Partition | None = None
 
-    def attach(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
+    def attach(self, trainer: Any, module: Any, datamodule: Any) -> None:
         super().attach(trainer, module, datamodule)
         if any(s.train == "experts" for s in self.stages):
             self.partition = Partition(

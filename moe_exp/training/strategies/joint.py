@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import lightning as L
+from typing import Any
 
 
 class JointStrategy:
     """Gate and experts trained together, end to end."""
 
-    def fit(
-        self,
-        trainer: L.Trainer,
-        module: L.LightningModule,
-        datamodule: L.LightningDataModule,
-        ckpt_path: str | None = None,
-    ) -> None:
+    def fit(self, trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None = None) -> None:
         """Train; ``ckpt_path`` resumes from a checkpoint (every strategy takes it)."""
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        from moe_exp.training.adapters import lightning_data
+
+        trainer.fit(module, datamodule=lightning_data(datamodule), ckpt_path=ckpt_path)

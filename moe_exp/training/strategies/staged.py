@@ -1,6 +1,6 @@
 """The machinery of staged training, shared by the hierarchical and EM strategies.
 
-A :class:`StagedStrategy` is a Lightning Callback and the LightningModule's ``plan``: under
+A :class:`StagedStrategy` is a set of Lightning hooks and the LightningModule's ``plan``: under
 manual optimisation it supplies the training step and the optimisers (one AdamW per stage,
 or per side for EM, each with the routing and the other parameter groups), switches stages
 at epoch boundaries inside one ``Trainer.fit``, freezes what a stage does not train
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,7 +27,7 @@ from moe_exp.errors import ConfigError
 from moe_exp.moe import Routing
 from moe_exp.moe.layer import sort_by_expert
 from moe_exp.moe.rules import Composition
-from moe_exp.training.module import make_schedule, router_parameters
+from moe_exp.training.optim import make_schedule, router_parameters
 
 log = logging.getLogger("moe_exp")
 STAGE_KINDS = ("experts", "gate", "all")
@@ -105,8 +104,10 @@ def frozen_ids(module: Any) -> set[int]:
     return {id(p) for m in getattr(module, "frozen_modules", ()) for p in m.parameters()}
 
 
-class StagedStrategy(L.Callback):
-    """Shared machinery of the manual-optimisation strategies (stages, tagging, checkpoints)."""
+class StagedStrategy:
+    """Shared machinery of the manual-optimisation strategies (stages, tagging, checkpoints).
+    Its ``on_*`` hooks and checkpoint state reach Lightning through
+    :class:`~moe_exp.training.adapters.StrategyHooks`."""
 
     strategy = ""
 
@@ -144,7 +145,7 @@ class StagedStrategy(L.Callback):
         """Which optimiser each stage steps (one per stage unless a strategy shares them)."""
         return list(range(len(self.stages)))
 
-    def attach(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
+    def attach(self, trainer: Any, module: Any, datamodule: Any) -> None:
         """Become the module's plan (its training step and optimisers) and a callback of the
         trainer; a model built from the library directly is checked here."""
         # manual optimisation returns no loss to Lightning on purpose
@@ -158,21 +159,25 @@ class StagedStrategy(L.Callback):
         module.plan = self
         module.automatic_optimization = False
         trainer.fit_loop.max_epochs = sum(s.epochs for s in self.stages)
-        trainer.callbacks.append(self)
+        from moe_exp.training.adapters import StrategyHooks
+
+        trainer.callbacks.append(StrategyHooks(self))
         for logger in trainer.loggers:  # the stage's name on every metrics row
             if hasattr(logger, "row_tags"):
                 logger.row_tags["stage"] = lambda: self.current_name
 
     def fit(
         self,
-        trainer: L.Trainer,
+        trainer: Any,
         module: Any,
         datamodule: Any,
         ckpt_path: str | None = None,
     ) -> None:
         """Attach the plan and train; ``ckpt_path`` resumes a run in the stage it was in."""
+        from moe_exp.training.adapters import lightning_data
+
         self.attach(trainer, module, datamodule)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=lightning_data(datamodule), ckpt_path=ckpt_path)
 
     def trainable(self, module: Any, kind: str) -> list[nn.Parameter]:
         """What a stage of this kind trains, less what expert surgery froze."""
@@ -270,24 +275,22 @@ class StagedStrategy(L.Callback):
         self.current = -1  # enter the stage again at the next epoch: freezing, logging
 
     # callback hooks
-    def on_train_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
+    def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
         index = self.stage_at(trainer.current_epoch)
         if index != self.current:
             self.enter(module, index)
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
         if self.current < 0:  # resumed mid-epoch: no epoch start ran since the restore
             self.enter(module, self.stage_at(trainer.current_epoch))
 
-    def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
+    def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
         ends = sum(s.epochs for s in self.stages[: self.current + 1])
         if self.stage_checkpoints and trainer.current_epoch + 1 == ends:
             name = f"stage{self.current + 1}_{self.stages[self.current].name}.ckpt"
             trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / name)
 
-    def on_fit_end(self, trainer: L.Trainer, module: Any) -> None:
+    def on_fit_end(self, trainer: Any, module: Any) -> None:
         frozen = frozen_ids(module)
         for p in self.model.parameters():
             p.requires_grad_(id(p) not in frozen)
