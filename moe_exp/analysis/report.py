@@ -35,6 +35,7 @@ METRICS = (
     "test/max_mean_load",
     "test/max_vio",
     "test/dead_experts",
+    "test/effective_experts",
     "test/nmi_label",
     "flops_active",
     "wall_time_s",

@@ -71,16 +71,31 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
     return float(cross / norm) if norm > 0 else 0.0
 
 
+def effective_count(amounts: Tensor) -> float:
+    """exp(H(shares)), the perplexity of the shares: how many experts the amounts are spread
+    over as if evenly (1 = one expert, E = uniform). Used in the load-balancing literature
+    as the effective number of experts."""
+    if float(amounts.double().sum()) <= 0:
+        return 0.0
+    return float(_entropy(amounts.double()).exp())
+
+
 def balance_metrics(
     load: Tensor, importance: Tensor, dead_threshold: float = 0.1
 ) -> dict[str, float]:
     """Scalar balance numbers from per-expert load counts and importance sums.
 
-    An expert is dead when its load is below ``dead_threshold`` × the uniform share.
+    Load says who computes, importance (the combine weight) who does the work: an expert
+    that is everyone's second choice gets its share of inputs but almost no weight. An
+    expert is dead by load or by weight when its share is under ``dead_threshold`` × the
+    uniform share; ``dead_experts`` counts experts dead either way.
     """
     fraction = load.double() / load.double().sum().clamp_min(1e-12)
+    weight = importance.double() / importance.double().sum().clamp_min(1e-12)
     mean = float(fraction.mean())
     max_over_mean = float(fraction.max()) / mean if mean > 0 else 0.0
+    floor = dead_threshold / max(load.numel(), 1)
+    dead_load, dead_weight = fraction < floor, weight < floor
     return {
         "cv_load": coefficient_of_variation(load),
         "cv_importance": coefficient_of_variation(importance),
@@ -88,7 +103,11 @@ def balance_metrics(
         # MaxVio = (max load − mean load) / mean load (Wang et al. 2024, loss-free balancing)
         "max_vio": max_over_mean - 1.0 if mean > 0 else 0.0,
         "load_entropy": normalized_entropy(load),
-        "dead_experts": float((fraction < dead_threshold * mean).sum()),
+        "effective_experts": effective_count(importance),
+        "effective_experts_load": effective_count(load),
+        "dead_experts_load": float(dead_load.sum()),
+        "dead_experts_weight": float(dead_weight.sum()),
+        "dead_experts": float((dead_load | dead_weight).sum()),
     }
 
 

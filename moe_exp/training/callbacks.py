@@ -59,8 +59,9 @@ def progress_bar() -> ProgressBar:
 
 
 class CollapseAlarm(L.Callback):
-    """Warns when routing collapses: an expert dies, or one expert takes more than
-    ``dominant_share`` of the routing weight, for ``patience`` validation epochs in a row.
+    """Warns when routing collapses: an expert dies (gets almost no inputs, or gets inputs but
+    almost no combine weight), or one expert takes more than ``dominant_share`` of the
+    routing weight, for ``patience`` validation epochs in a row.
 
     Each alarm is logged as a warning, as ``val/collapse_alarm`` in the loggers, and as a line
     in ``events.jsonl`` in the run folder.
@@ -92,8 +93,15 @@ class CollapseAlarm(L.Callback):
                 for k, v in metrics.items()
                 if k.startswith(f"{prefix}importance_e") and "/" not in k[len(prefix) :]
             ]
-            if dead > 0:
-                problems.append(f"{prefix}{int(dead)} dead expert(s)")
+            by_load = metrics.get(f"{prefix}dead_experts_load", dead)
+            by_weight = metrics.get(f"{prefix}dead_experts_weight", 0.0)
+            if by_load > 0:
+                problems.append(f"{prefix}{int(by_load)} expert(s) dead by load (almost no inputs)")
+            if by_weight > by_load:
+                problems.append(
+                    f"{prefix}{int(by_weight)} expert(s) dead by weight (they receive inputs "
+                    "but carry almost none of the combine weight)"
+                )
             if shares and max(shares) > self.dominant_share:
                 problems.append(f"{prefix}one expert takes {max(shares):.0%} of the routing weight")
         return problems

@@ -48,7 +48,13 @@ def test_collapse_alarm_fires_after_patience(tmp_path):
     dead = {"dead_experts": 1.0, "importance_e0": 0.0, "importance_e1": 1.0}
     assert alarm._problems(healthy) == ["one expert takes 70% of the routing weight"]
     assert alarm._problems({"dead_experts": 0.0, "importance_e0": 0.5, "importance_e1": 0.5}) == []
-    assert "1 dead expert(s)" in alarm._problems(dead)
+    assert "1 expert(s) dead by load (almost no inputs)" in alarm._problems(dead)
+    # every expert gets inputs, but two carry no weight: the alarm says which kind
+    second_choices = {"dead_experts": 2.0, "dead_experts_load": 0.0, "dead_experts_weight": 2.0}
+    assert alarm._problems(second_choices) == [
+        "2 expert(s) dead by weight (they receive inputs but carry almost none of the combine "
+        "weight)"
+    ]
 
     module = SimpleNamespace(history={"val": []}, log=lambda *args, **kwargs: None)
     trainer = SimpleNamespace(sanity_checking=False, current_epoch=0)

@@ -30,7 +30,35 @@ def test_balance_metrics_by_hand():
     assert math.isclose(m["max_vio"], 2.0)  # (6 − 2) / 2
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(4)
     assert math.isclose(m["load_entropy"], h, rel_tol=1e-9)
-    assert m["dead_experts"] == 2.0
+    assert m["dead_experts"] == 2.0 and m["dead_experts_load"] == 2.0
+    assert m["dead_experts_weight"] == 0.0 and math.isclose(m["effective_experts"], 4.0)
+    assert math.isclose(m["effective_experts_load"], math.exp(h * math.log(4)), rel_tol=1e-9)
+
+
+def test_balanced_load_with_idle_weight_is_caught():
+    """Every expert gets a quarter of the inputs, but two are only ever a near-zero second
+    choice: load says balanced, weight says two experts do nothing."""
+    e, n = 4, 400
+    first = torch.arange(n) % 2  # experts 0 and 1 hold the weight
+    second = first + 2  # experts 2 and 3 are everyone's second choice
+    indices = torch.stack([first, second], 1)
+    weights = torch.tensor([[0.999, 0.001]]).repeat(n, 1)
+    routing = Routing(torch.zeros(n, e), torch.full((n, e), 1 / e), weights, indices)
+    stats = RoutingStats(e)
+    stats.update(routing)
+    m = stats.compute()
+    assert m["cv_load"] == 0.0 and m["dead_experts_load"] == 0.0
+    assert math.isclose(m["effective_experts_load"], 4.0, rel_tol=1e-9)
+    assert m["dead_experts_weight"] == 2.0 and m["dead_experts"] == 2.0
+    assert 2.0 < m["effective_experts"] < 2.02  # two experts' worth of work
+
+
+def test_balanced_weight_with_skewed_load_is_caught():
+    """Dense weights spread evenly, but the top-1 assignments all go to expert 0."""
+    m = balance_metrics(torch.tensor([100.0, 0, 0, 0]), torch.full((4,), 25.0))
+    assert m["dead_experts_load"] == 3.0 and m["dead_experts_weight"] == 0.0
+    assert math.isclose(m["effective_experts_load"], 1.0)
+    assert math.isclose(m["effective_experts"], 4.0) and m["dead_experts"] == 3.0
 
 
 def test_extremes():
