@@ -143,6 +143,7 @@ RANGES: dict[str, Range] = {
     "router_weight_decay": NONNEGATIVE_OR_NULL,
     "weight": NONNEGATIVE,
     "capacity_factor": POSITIVE_OR_NULL,
+    "eval_capacity_factor": POSITIVE_OR_NULL,
     "temperature": POSITIVE,
     "gate_temperature": POSITIVE,
     "beta": POSITIVE,

@@ -220,6 +220,7 @@ def eval_accuracy(module: Any, split: Any, batch_size: int = 1024) -> float:
 
 def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     """FLOPs per input, expert similarity and the routing pictures of the tested model."""
+    from moe_exp.measure.capacity import at_training_capacity
     from moe_exp.measure.cost import flops_per_sample
     from moe_exp.measure.plots import run_plots, similarity_heatmap
     from moe_exp.measure.routing_table import routing_rows, write_routing_table
@@ -229,6 +230,10 @@ def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any
     results: dict[str, Any] = dict(flops_per_sample(module.model, probe))
     results["train/acc_eval"] = eval_accuracy(
         module, datamodule.splits["train"], datamodule.eval_batch_size
+    )
+    test = datamodule.splits["test"]
+    results.update(
+        at_training_capacity(module.model, test.images, test.labels, datamodule.batch_size)
     )
     matrices = expert_similarity(module.model, probe)
     results.update(similarity_summary(matrices))
@@ -307,6 +312,9 @@ def _train_and_test(
         log.info("resuming %s from epoch %s", run_dir, checkpoint.get("epoch"))
     trainer = make_trainer(cfg, run_dir, resume_from=checkpoint)
     del checkpoint
+    for logger in trainer.loggers:  # each metrics row says whether it is training or the final
+        if hasattr(logger, "row_tags"):  # evaluation (fit, validate, test)
+            logger.row_tags["phase"] = lambda: getattr(trainer.state.fn, "value", "")
     _fit(cfg, trainer, module, datamodule, last)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -214,7 +214,10 @@ class MoEClassifierModule(L.LightningModule):
             self.log(f"{split}/stage_index", float(self.stage_index), on_epoch=True)
         if values:
             self.log_dict({f"{split}/{k}": v for k, v in values.items()}, on_epoch=True)
-        if not self.trainer.sanity_checking:
+        # the per-epoch record holds training epochs; the final evaluation of the best
+        # checkpoint goes to the summary (and its metrics rows say phase=validate/test)
+        fitting = self.trainer.state.fn == "fit"
+        if not self.trainer.sanity_checking and (fitting or split == "test"):
             self.history[split].append({**means, **values})
             if split == "val":
                 self._val_epoch = self.current_epoch

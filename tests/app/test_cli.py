@@ -58,6 +58,11 @@ def test_a_tiny_run_writes_a_complete_run_folder(cli, tmp_path):
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     columns = set(rows[0])
     assert {"train/acc", "val/acc", "train/cv_load", "val/load_e3", "val/importance_e0"} <= columns
+    # one val row per training epoch; the final evaluation of the best checkpoint says so
+    assert [r["epoch"] for r in rows if r["val/acc"] and r["phase"] == "fit"] == ["0"]
+    (final,) = [r for r in rows if r["val/acc"] and r["phase"] == "validate"]
+    assert float(final["val/acc"]) == pytest.approx(summary["val/acc"])
+    assert {r["phase"] for r in rows} == {"fit", "validate", "test"}
     assert "epoch 0: train/loss=" in (run / "moe-exp.log").read_text()  # the epoch summary
     assert "epoch 1/1 [####################]" in out.stdout  # progress lines outside a terminal
 

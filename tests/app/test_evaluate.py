@@ -45,14 +45,14 @@ def test_eval_on_the_runs_own_test_split_repeats_its_accuracy(run, tmp_path):
 
 
 def test_eval_with_a_capacity_limit_and_on_another_split(run, tmp_path):
-    limited = _eval(f"run={run}", "gate.capacity_factor=0.5", cwd=tmp_path)
+    limited = _eval(f"run={run}", "gate.eval_capacity_factor=0.5", cwd=tmp_path)
     assert limited.returncode == 0, limited.stderr
     val = _eval(f"run={run}", "split=val", "ckpt=last", cwd=tmp_path)
     assert val.returncode == 0, val.stderr
     by_split = {json.loads(p.read_text())["evaluated"]["split"]: p for p in _evals(run)}
     capped = json.loads(by_split["test"].read_text())
     assert capped["test/dropped_fraction"] > 0 and capped["overrides"] == [
-        "gate.capacity_factor=0.5"
+        "gate.eval_capacity_factor=0.5"
     ]
     assert (by_split["val"].parent / "routing" / "val.csv").is_file()
 

@@ -35,7 +35,7 @@ def test_capacity_drops_and_expert_predictions_are_recorded(tmp_path):
         3,
         4,
         functools.partial(MLPExpert, hidden=8),
-        functools.partial(TopKGate, k=2, capacity_factor=0.5),
+        functools.partial(TopKGate, k=2, eval_capacity_factor=0.5),
         channels_last=False,
     )
     rows = routing_rows(model, _split(), 12, [], {})

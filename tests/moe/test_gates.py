@@ -173,13 +173,20 @@ def _limits_capacity(cls):
 
 @pytest.mark.parametrize("name", [n for n, cls in GATES.items() if _limits_capacity(cls)])
 def test_capacity_limit_drops_and_counts(name):
+    """The training limit applies in training only; evaluation has its own (none by default)."""
     gate = make(name)
     gate.capacity_factor = 0.5
-    r = gate.eval()(torch.randn(N, D))
-    capacity = math.ceil(0.5 * r.k * N / E)
-    assert r.capacity == capacity and (r.load() <= capacity).all()
-    assert r.dropped == N * r.k - int(r.load().sum()) > 0
-    assert r.dropped_fraction == r.dropped / (N * r.k)
+    h = torch.randn(N, D)
+    unlimited = gate.eval()(h)
+    assert unlimited.capacity is None and unlimited.dropped == 0
+    gate.eval_capacity_factor = 0.25
+    for mode, factor in ((gate.train, 0.5), (gate.eval, 0.25)):
+        torch.manual_seed(0)
+        r = mode()(h)
+        capacity = math.ceil(factor * r.k * N / E)
+        assert r.capacity == capacity and (r.load() <= capacity).all()
+        assert r.dropped == N * r.k - int(r.load().sum()) > 0
+        assert r.dropped_fraction == r.dropped / (N * r.k)
 
 
 def test_capacity_drops_by_hand_with_topk():

@@ -31,10 +31,13 @@ class BASEGate(Router):
         in_features: int,
         num_experts: int,
         capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
         weighting: str = "sigmoid",
         assignment: str = "sinkhorn",
     ) -> None:
-        super().__init__(in_features, num_experts, 1, capacity_factor)
+        super().__init__(
+            in_features, num_experts, 1, capacity_factor, eval_capacity_factor=eval_capacity_factor
+        )
         if weighting not in ("sigmoid", "softmax"):
             raise ValueError(f"weighting={weighting!r} is not one of sigmoid, softmax")
         if assignment not in BALANCED_ASSIGNMENTS:

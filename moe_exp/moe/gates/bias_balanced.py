@@ -31,11 +31,14 @@ class BiasBalancedGate(Router):
         num_experts: int,
         k: int = 2,
         capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
         score: str = "sigmoid",
         bias_update_rate: float = 0.001,
         update_in_forward: bool = True,
     ) -> None:
-        super().__init__(in_features, num_experts, k, capacity_factor)
+        super().__init__(
+            in_features, num_experts, k, capacity_factor, eval_capacity_factor=eval_capacity_factor
+        )
         if score not in ("sigmoid", "softmax"):
             raise ValueError(f"score={score!r} is not one of sigmoid, softmax")
         if bias_update_rate < 0:

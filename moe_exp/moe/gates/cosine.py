@@ -26,11 +26,19 @@ class CosineGate(TopKGate):
         num_experts: int,
         k: int = 2,
         capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
         dim: int = 16,
         temperature: float = 0.07,
         min_temperature: float = 0.01,
     ) -> None:
-        super().__init__(in_features, num_experts, k, capacity_factor, linear=False)
+        super().__init__(
+            in_features,
+            num_experts,
+            k,
+            capacity_factor,
+            linear=False,
+            eval_capacity_factor=eval_capacity_factor,
+        )
         self.proj = nn.Linear(in_features, dim, bias=False)
         self.expert_embeddings = nn.Parameter(torch.randn(num_experts, dim) / math.sqrt(dim))
         self.temperature = nn.Parameter(torch.tensor(float(temperature)))

@@ -29,10 +29,18 @@ class HashGate(Router):
         num_experts: int,
         k: int = 1,
         capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
         seed: int = 0,
         momentum: float = 0.1,
     ) -> None:
-        super().__init__(in_features, num_experts, k, capacity_factor, linear=False)
+        super().__init__(
+            in_features,
+            num_experts,
+            k,
+            capacity_factor,
+            linear=False,
+            eval_capacity_factor=eval_capacity_factor,
+        )
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer(
             "projection", torch.randn(in_features, num_experts, generator=generator)

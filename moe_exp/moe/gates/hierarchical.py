@@ -57,11 +57,19 @@ class HierarchicalGate(Router):
         num_groups: int = 2,
         k_group: int = 1,
         capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
     ) -> None:
         args = {"k": k, "num_groups": num_groups, "k_group": k_group}
         require(self.config_problems(args, Composition(experts=num_experts, k=k)))
         per_group = num_experts // num_groups
-        super().__init__(in_features, num_experts, k * k_group, capacity_factor, linear=False)
+        super().__init__(
+            in_features,
+            num_experts,
+            k * k_group,
+            capacity_factor,
+            linear=False,
+            eval_capacity_factor=eval_capacity_factor,
+        )
         self.num_groups, self.per_group = num_groups, per_group
         self.k_within, self.k_group = k, k_group
         self.group_proj = nn.Linear(in_features, num_groups)

@@ -27,8 +27,11 @@ class NoisyTopKGate(TopKGate):
         num_experts: int,
         k: int = 2,
         capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
     ) -> None:
-        super().__init__(in_features, num_experts, k, capacity_factor)
+        super().__init__(
+            in_features, num_experts, k, capacity_factor, eval_capacity_factor=eval_capacity_factor
+        )
         self.noise = nn.Linear(in_features, num_experts)
         for layer in (self.proj, self.noise):
             nn.init.zeros_(layer.weight)

@@ -4,9 +4,11 @@ Every gate takes ``(in_features, num_experts, ...)`` and returns a
 :class:`~moe_exp.moe.routing.Routing` from ``forward(h)``, h of shape [N, in_features]. Sparse
 gates also take ``capacity_factor`` (None: no limit); assignments beyond
 ceil(capacity_factor · k · N / E) per expert are dropped by the shared
-:func:`~moe_exp.moe.routing.limit_capacity`. A gate states its own rules on its class
-(``top1_only``, ``renormalises_kept``, its constructor's ``ValueError``), so a subclass
-inherits them.
+:func:`~moe_exp.moe.routing.limit_capacity`. Evaluation has its own limit,
+``eval_capacity_factor`` (None: none, as GShard and DeepSpeed evaluate), so test metrics do
+not depend on how much larger evaluation batches are than training ones. A gate states its
+own rules on its class (``top1_only``, ``renormalises_kept``, its constructor's
+``ValueError``), so a subclass inherits them.
 """
 
 from __future__ import annotations
@@ -73,16 +75,22 @@ class Router(nn.Module):
         k: int = 1,
         capacity_factor: float | None = None,
         linear: bool = True,
+        eval_capacity_factor: float | None = None,
     ) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         require(Router.config_problems({}, Composition(experts=num_experts, k=k)))
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        for name, factor in (
+            ("capacity_factor", capacity_factor),
+            ("eval_capacity_factor", eval_capacity_factor),
+        ):
+            if factor is not None and factor <= 0:
+                raise ValueError(f"{name} must be > 0 or None, got {factor}")
         self.num_experts = num_experts
         self.k = k
         self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
         if k == 1 and num_experts > 1 and self.renormalises_kept:
             warnings.warn(
                 f"{type(self).__name__} with k=1 renormalises the one kept weight to 1: the "
@@ -97,11 +105,13 @@ class Router(nn.Module):
         return self.proj(h)
 
     def _route(self, logits: Tensor, probs: Tensor, weights: Tensor, indices: Tensor, **extra):
-        """The routing record, with the capacity limit applied when ``capacity_factor`` is set."""
+        """The routing record, with the capacity limit of the mode (training or evaluation)
+        applied where it is set."""
         capacity, dropped = None, 0
-        if self.capacity_factor is not None:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is not None:
             n, k = indices.shape
-            capacity = expert_capacity(self.capacity_factor, k, n, self.num_experts)
+            capacity = expert_capacity(factor, k, n, self.num_experts)
             indices, weights, dropped = limit_capacity(indices, weights, self.num_experts, capacity)
         return Routing(
             logits=logits,

@@ -29,9 +29,12 @@ class SwitchGate(Router):
         in_features: int,
         num_experts: int,
         capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
         jitter: float = 0.01,
     ) -> None:
-        super().__init__(in_features, num_experts, 1, capacity_factor)
+        super().__init__(
+            in_features, num_experts, 1, capacity_factor, eval_capacity_factor=eval_capacity_factor
+        )
         if not 0 <= jitter < 1:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
         self.jitter = jitter
