@@ -1,7 +1,10 @@
+import contextlib
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
@@ -58,6 +61,37 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     )
 
 
+def run_app(*args: str, cwd: Path, program: str = "moe-exp") -> SimpleNamespace:
+    """A console script's own ``main()`` in this process (``moe-exp`` or ``moe-exp-eval``):
+    the same Hydra app, checks and error path as :func:`run_cli`, without a new interpreter
+    importing torch and Lightning again. The process's torch threads, cwd and argv are
+    restored; what needs a process of its own (signals, DDP, the installed script) keeps
+    :func:`run_cli`."""
+    import torch
+
+    from moe_exp.app import cli, evaluate
+
+    main = {"moe-exp": cli.main, "moe-exp-eval": evaluate.main}[program]
+    out, err = io.StringIO(), io.StringIO()
+    saved = (sys.argv, os.getcwd(), torch.get_num_threads())
+    full_error = os.environ.pop("HYDRA_FULL_ERROR", None)
+    code = 0
+    sys.argv = [program, *args]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        sys.argv, cwd_before, threads = saved
+        os.chdir(cwd_before)
+        torch.set_num_threads(threads)
+        if full_error is not None:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def single_run_dir(root: Path) -> Path:
     """The folder of the one run a test started under ``root`` (its cwd)."""
     (summary,) = root.glob("outputs/runs/*/*/summary.json")
@@ -75,11 +109,17 @@ def cli(tmp_path):
     return lambda *args, **kw: run_cli(*args, cwd=tmp_path, **kw)
 
 
+@pytest.fixture
+def app(tmp_path):
+    """The CLI run in this process (see :func:`run_app`), in ``tmp_path``."""
+    return lambda *args: run_app(*args, cwd=tmp_path)
+
+
 @pytest.fixture(scope="session")
 def quick_sweep(tmp_path_factory) -> Path:
     """One real 2×2 multirun (gate × seed), shared by the tests that read sweeps."""
     root = tmp_path_factory.mktemp("sweep")
-    out = run_cli("-m", *QUICK, "gate=topk,noisy_topk", "seed=0,1", cwd=root)
+    out = run_app("-m", *QUICK, "gate=topk,noisy_topk", "seed=0,1", cwd=root)
     assert out.returncode == 0, out.stderr
     return single_sweep_dir(root)
 
@@ -89,6 +129,6 @@ def tiny_run(tmp_path_factory) -> Path:
     """The folder of one real, tiny, completed training run, shared by the tests that read
     a finished run (load, evaluate, routing table). Tests must not write into it."""
     root = tmp_path_factory.mktemp("tiny_run")
-    out = run_cli(*TINY, cwd=root)
+    out = run_app(*TINY, cwd=root)
     assert out.returncode == 0, out.stderr
     return single_run_dir(root)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICK, single_run_dir, single_sweep_dir
+from tests.conftest import QUICK, run_app, single_run_dir, single_sweep_dir
 
 METRIC_KEYS = (
     "test/acc",
@@ -78,8 +78,8 @@ def test_a_2x2_multirun_makes_four_job_folders(quick_sweep):
     assert len(seen) == 4
 
 
-def test_the_users_own_command_works_with_overrides_on_both_sides_of_m(cli, tmp_path):
-    out = cli("gate=noisy_topk", "-m", "experts=8", *QUICK)
+def test_the_users_own_command_works_with_overrides_on_both_sides_of_m(app, tmp_path):
+    out = app("gate=noisy_topk", "-m", "experts=8", *QUICK)
     assert out.returncode == 0, out.stderr
     (summary,) = tmp_path.glob("outputs/multiruns/*/*/0/summary.json")
     data = json.loads(summary.read_text())
@@ -101,8 +101,8 @@ def test_the_users_own_command_works_with_overrides_on_both_sides_of_m(cli, tmp_
         (["expert.dropout=1.5"], "expert.dropout=1.5 must be a number in [0, 1)"),
     ],
 )
-def test_bad_input_fails_with_a_message_not_a_traceback(cli, tmp_path, args, message):
-    out = cli(*args)
+def test_bad_input_fails_with_a_message_not_a_traceback(app, tmp_path, args, message):
+    out = app(*args)
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr
@@ -111,8 +111,8 @@ def test_bad_input_fails_with_a_message_not_a_traceback(cli, tmp_path, args, mes
         assert summary["status"] == "failed" and message in summary["error"]
 
 
-def test_unknown_option_lists_the_available_ones(cli):
-    out = cli("gate=nope")
+def test_unknown_option_lists_the_available_ones(app):
+    out = app("gate=nope")
     assert "Available options" in out.stderr and "noisy_topk" in out.stderr
 
 
@@ -125,16 +125,16 @@ def test_the_full_trace_comes_only_on_request(tmp_path):
     assert "Traceback" in out.stderr and "ConfigError: Invalid configuration: k=0" in out.stderr
 
 
-def test_a_key_typo_gets_hydras_own_message(cli, tmp_path):
-    out = cli("optim.lrr=0.1")
+def test_a_key_typo_gets_hydras_own_message(app, tmp_path):
+    out = app("optim.lrr=0.1")
     assert out.returncode != 0
     assert "Could not override 'optim.lrr'" in out.stderr
     assert "Key 'lrr' is not in struct" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "outputs").exists()  # refused before a run folder exists
 
 
-def test_a_single_diverged_run_exits_non_zero(cli, tmp_path):
-    out = cli(*QUICK, "optim.lr=1e9")
+def test_a_single_diverged_run_exits_non_zero(app, tmp_path):
+    out = app(*QUICK, "optim.lr=1e9")
     assert out.returncode != 0
     assert "Training diverged: the loss became nan" in out.stderr
     assert "Traceback" not in out.stderr
@@ -143,12 +143,13 @@ def test_a_single_diverged_run_exits_non_zero(cli, tmp_path):
 
 
 def test_same_seed_gives_the_same_summary(tmp_path):
+    """One run in a fresh process, one inside this one (after many other tests): equal."""
     from tests.conftest import run_cli
 
     results = []
-    for name in ("a", "b"):
+    for name, launch in (("a", run_cli), ("b", run_app)):
         (tmp_path / name).mkdir()
-        out = run_cli(*QUICK, "seed=7", cwd=tmp_path / name)
+        out = launch(*QUICK, "seed=7", cwd=tmp_path / name)
         assert out.returncode == 0, out.stderr
         data = json.loads((single_run_dir(tmp_path / name) / "summary.json").read_text())
         results.append({k: v for k, v in data.items() if "/" in k})
@@ -189,10 +190,10 @@ def test_an_installed_wheel_uses_the_packaged_configs(tmp_path):
     assert "experts: 6" in out.stdout and "moe_exp.moe.gates.topk.TopKGate" in out.stdout
 
 
-def test_a_diverging_job_stops_with_a_message_and_the_sweep_goes_on(cli, tmp_path):
+def test_a_diverging_job_stops_with_a_message_and_the_sweep_goes_on(app, tmp_path):
     from moe_exp.analysis.report import build_report
 
-    out = cli("-m", *QUICK, "optim.lr=1e9,0.003")  # the diverging job first: the sweep goes on
+    out = app("-m", *QUICK, "optim.lr=1e9,0.003")  # the diverging job first: the sweep goes on
     assert out.returncode != 0  # non-zero, after every job ran
     assert "Training diverged: the loss became nan" in out.stderr
     assert "Traceback" not in out.stderr

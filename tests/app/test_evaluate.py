@@ -3,19 +3,15 @@ split, across a sweep of runs, and read by the report."""
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from moe_exp.analysis.report import build_report
-
-EVAL = str(Path(sys.executable).parent / "moe-exp-eval")
+from tests.conftest import run_app
 
 
 def _eval(*args, cwd):
-    return subprocess.run([EVAL, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return run_app(*args, cwd=cwd, program="moe-exp-eval")
 
 
 def _evals(run):

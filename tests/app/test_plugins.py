@@ -3,10 +3,11 @@ with the same rules, metrics, plots and report as the built-ins."""
 
 import json
 import os
+import sys
 import textwrap
 
 from moe_exp.analysis.report import build_report
-from tests.conftest import TINY, run_cli, single_run_dir
+from tests.conftest import TINY, run_app, run_cli, single_run_dir
 
 PACKAGE = '''
 import torch
@@ -65,13 +66,16 @@ def _plugin(tmp_path):
 def test_a_user_subclass_of_a_top1_gate_refuses_k2_like_the_builtin(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     extra = _plugin(tmp_path)
-    builtin = run_cli(*TINY, "gate=switch", "k=2", cwd=tmp_path)
-    mine = run_cli(*extra, *TINY, "gate=sticky_switch", "k=2", cwd=tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "lab"))  # in this process, as PYTHONPATH does
+    for name in [m for m in sys.modules if m.split(".")[0] == "mylab"]:
+        monkeypatch.delitem(sys.modules, name)  # another test's package of the same name
+    builtin = run_app(*TINY, "gate=switch", "k=2", cwd=tmp_path)
+    mine = run_app(*extra, *TINY, "gate=sticky_switch", "k=2", cwd=tmp_path)
     assert builtin.returncode != 0 and mine.returncode != 0
     assert "k=2 asks for top-2 routing, but gate=switch is top-1 only" in builtin.stderr
     assert "k=2 asks for top-2 routing, but gate=sticky_switch is top-1 only" in mine.stderr
     assert "Traceback" not in mine.stderr
-    own = run_cli(*extra, *TINY, "gate=tempered", "gate.temperature=50", cwd=tmp_path)
+    own = run_app(*extra, *TINY, "gate=tempered", "gate.temperature=50", cwd=tmp_path)
     assert own.returncode != 0 and "gate.temperature=50 must be <= 10 for gate" in own.stderr
 
 

@@ -18,7 +18,7 @@ from moe_exp.app.build import build_components
 from moe_exp.app.resume import check_same_schedule, first_epoch_after, resume_argv
 from moe_exp.errors import ConfigError, MoeExpError
 from moe_exp.training.checkpoints import SHOWN_MISMATCHES, check_fits, load_checkpoint
-from tests.conftest import CLI, QUICK, compose_config, run_cli, single_run_dir
+from tests.conftest import CLI, QUICK, compose_config, run_app, run_cli, single_run_dir
 
 # Two epochs of 32 batches: the kill lands inside the second epoch.
 LONGER = [*QUICK, "data.n_train=2048", "trainer.max_epochs=2", "seed=3"]
@@ -163,7 +163,7 @@ def test_corrupted_and_unsafe_checkpoints_fail_clearly(states, tmp_path):
 
 def test_resuming_with_another_expert_count_fails_before_training(states, tmp_path):
     run = fake_run(tmp_path / "run", states["e4"], QUICK)
-    out = run_cli(f"resume={run}", "experts=8", cwd=tmp_path)
+    out = run_app(f"resume={run}", "experts=8", cwd=tmp_path)
     assert out.returncode != 0
     assert "does not fit this model" in out.stderr and "model shape [8" in out.stderr
     assert "Traceback" not in out.stderr
@@ -174,7 +174,7 @@ def test_resuming_with_another_expert_count_fails_before_training(states, tmp_pa
 def test_resuming_with_another_schedule_length_fails_before_training(states, tmp_path):
     run = fake_run(tmp_path / "run", states["e4"], QUICK)
     OmegaConf.save(compose_config(QUICK), run / "config.yaml")
-    out = run_cli(f"resume={run}", "trainer.max_epochs=3", "data.batch_size=32", cwd=tmp_path)
+    out = run_app(f"resume={run}", "trainer.max_epochs=3", "data.batch_size=32", cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert (
         "cannot change trainer.max_epochs=3 (the run has 1), data.batch_size=32 (the run has 64)"

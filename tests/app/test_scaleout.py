@@ -76,8 +76,8 @@ def test_a_joblib_sweep_runs_both_jobs_with_capped_threads(tmp_path):
 
 
 # -- launcher presets ---------------------------------------------------------------------
-def test_the_slurm_preset_asks_one_task_per_device(cli):
-    out = cli(
+def test_the_slurm_preset_asks_one_task_per_device(app):
+    out = app(
         "--cfg",
         "all",
         "hydra/launcher=slurm",
@@ -94,8 +94,8 @@ def test_the_slurm_preset_asks_one_task_per_device(cli):
     assert launcher["nodes"] == 1 and launcher["timeout_min"] > 0
 
 
-def test_the_parallel_preset_is_joblib_on_every_cpu(cli):
-    out = cli("--cfg", "hydra", "hydra/launcher=parallel")
+def test_the_parallel_preset_is_joblib_on_every_cpu(app):
+    out = app("--cfg", "hydra", "hydra/launcher=parallel")
     launcher = yaml.safe_load(out.stdout)["hydra"]["launcher"]
     assert launcher["_target_"] == JOBLIB["_target_"] and launcher["n_jobs"] == -1
 
@@ -137,8 +137,8 @@ def test_ddp_in_a_local_sweep_is_refused_with_the_ways_out():
     check_launch(cfg, multirun=True, launcher_target="x.submitit_launcher.SlurmLauncher")
 
 
-def test_a_ddp_sweep_fails_fast_before_any_job(cli, tmp_path):
-    out = cli("-m", *QUICK, "trainer=ddp", "seed=0,1", timeout=60)
+def test_a_ddp_sweep_fails_fast_before_any_job(app, tmp_path):
+    out = app("-m", *QUICK, "trainer=ddp", "seed=0,1")
     assert out.returncode != 0
     assert "re-runs the command line" in out.stderr and "submitit_slurm" in out.stderr
     assert "Traceback" not in out.stderr
@@ -251,10 +251,10 @@ def test_a_diverged_trial_does_not_stop_the_search(tmp_path):
     assert result["best_params"] == {"optim.lr": 0.003}
 
 
-def test_gpu_trainer_without_a_gpu_fails_clearly(cli):
+def test_gpu_trainer_without_a_gpu_fails_clearly(app):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: trainer=gpu is valid here")
-    out = cli(*QUICK, "trainer=gpu")
+    out = app(*QUICK, "trainer=gpu")
     assert out.returncode != 0
     assert "trainer.accelerator=gpu but no CUDA GPU is visible" in out.stderr
     assert "Traceback" not in out.stderr

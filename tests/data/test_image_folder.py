@@ -11,9 +11,9 @@ from tests.conftest import QUICK, single_run_dir
 from tests.data.disk_formats import write_image_folder
 
 
-def test_a_folder_of_pngs_trains_through_the_cli(cli, tmp_path):
+def test_a_folder_of_pngs_trains_through_the_cli(app, tmp_path):
     write_image_folder(tmp_path / "images", per_class=30)
-    out = cli(*QUICK, "data=image_folder", f"data.root={tmp_path / 'images'}", "threads=1")
+    out = app(*QUICK, "data=image_folder", f"data.root={tmp_path / 'images'}", "threads=1")
     assert out.returncode == 0, out.stderr
     summary = json.loads((single_run_dir(tmp_path) / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["test/acc"] > 0.5  # 3 colour classes

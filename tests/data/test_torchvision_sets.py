@@ -41,9 +41,9 @@ def test_each_dataset_loads_its_real_format_through_the_runner(name, tmp_path):
         assert log_probs.shape == (len(y), CLASSES[name])
 
 
-def test_a_cli_run_on_files_on_disk_completes(cli, tmp_path):
+def test_a_cli_run_on_files_on_disk_completes(app, tmp_path):
     write("cifar10", tmp_path / "data")
-    out = cli(*QUICK, "data=cifar10", f"data.root={tmp_path / 'data'}", "data.check_md5=false",
+    out = app(*QUICK, "data=cifar10", f"data.root={tmp_path / 'data'}", "data.check_md5=false",
               "data.batch_size=16", "threads=1")  # fmt: skip
     assert out.returncode == 0, out.stderr
     data = json.loads((single_run_dir(tmp_path) / "summary.json").read_text())

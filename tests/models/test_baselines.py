@@ -63,8 +63,8 @@ def test_dense_baseline_needs_a_scalable_expert():
         _model(["model=dense_flops", "expert=linear"])
 
 
-def test_dense_baselines_train_from_the_cli(cli, tmp_path):
-    out = cli("-m", *TINY, "trainer.max_epochs=2", "model=dense_flops,dense_params")
+def test_dense_baselines_train_from_the_cli(app, tmp_path):
+    out = app("-m", *TINY, "trainer.max_epochs=2", "model=dense_flops,dense_params")
     assert out.returncode == 0, out.stderr[-2000:]
     summaries = sorted(tmp_path.glob("outputs/multiruns/*/*/*/summary.json"))
     assert len(summaries) == 2

@@ -165,8 +165,8 @@ def test_a_model_without_a_separate_gate_is_refused(tmp_path):
         EMStrategy().fit(trainer, module, datamodule)
 
 
-def test_em_runs_from_the_cli_and_tags_its_rows(cli, tmp_path):
-    out = cli(*SMALL, "strategy=em", "trainer.max_epochs=1")
+def test_em_runs_from_the_cli_and_tags_its_rows(app, tmp_path):
+    out = app(*SMALL, "strategy=em", "trainer.max_epochs=1")
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader((single_run_dir(tmp_path) / "metrics.csv").open()))
     assert {r["stage"] for r in rows} == {"em"}
