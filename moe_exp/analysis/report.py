@@ -168,14 +168,17 @@ def build_report(
     out_dir: Path,
     metrics: Sequence[str] | None = None,
     plots: bool = True,
+    tags: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write report.md, report.csv, runs.csv and plots into ``out_dir``; return the table.
 
-    ``metrics`` defaults to the ablation's own list, else :data:`METRICS`."""
-    runs = find_runs(paths)
+    ``metrics`` defaults to the ablation's own list, else :data:`METRICS`; with ``tags``
+    only the runs that carry every one of them (``tags=[...]`` of the run) are reported."""
+    runs = [r for r in find_runs(paths) if set(tags) <= set(r.summary.get("tags") or [])]
     if not runs:
+        wanted = f" tagged {', '.join(tags)}" if tags else ""
         raise SystemExit(
-            f"moe-exp-report: no run folders (summary.json) under {list(map(str, paths))}"
+            f"moe-exp-report: no run folders (summary.json){wanted} under {list(map(str, paths))}"
         )
     spec = ablation_spec(runs)
     metrics = list(metrics or (spec or {}).get("metrics") or METRICS)
@@ -324,12 +327,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--metrics", nargs="+", help="columns to show (default: the ablation's, else the usual)"
     )
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--tag", action="append", default=[], help="only runs with this tag (repeatable)"
+    )
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         parser.error(f"no such folder: {', '.join(missing)}")
     out = args.out or args.paths[0]
-    table = build_report(args.paths, out, args.metrics, plots=not args.no_plots)
+    table = build_report(args.paths, out, args.metrics, plots=not args.no_plots, tags=args.tag)
     print_table(table, f"{table['runs']} runs; swept: {', '.join(table['swept']) or 'nothing'}")
     print(
         f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'runs.csv'}"

@@ -108,7 +108,9 @@ def component_problems(
             if args is not None:
                 found.append((path, target, args))
     explicit = frozenset(override_key(o) for o in overrides)
+    trainer = own_args(cfg.trainer) if isinstance(cfg.get("trainer"), DictConfig) else None
     run = Composition(
+        trainer=trainer or {},
         experts=experts,
         k=k,
         explicit=explicit,

@@ -70,6 +70,7 @@ _NODES = {int: IntegerNode, float: FloatNode, str: StringNode, bool: BooleanNode
 REQUIRED = {"optim.lr": POSITIVE, "optim.weight_decay": NONNEGATIVE}
 GPU_ACCELERATORS = ("gpu", "cuda")
 OBJECTIVE_SPLITS = ("val/", "test/")
+MONITORED_SPLITS = ("val/", "train/")
 
 
 def _leaves(node: Any, path: str = "", owner: str = "") -> Iterator[tuple[str, str, Any, str]]:
@@ -163,8 +164,8 @@ def _has_problem(path: str, problems: Sequence[str]) -> bool:
 
 
 def _run_problems(cfg: DictConfig) -> list[str]:
-    """Rules of the run itself, not of a component: a GPU that is there, an objective that
-    names a metric."""
+    """Rules of the run itself, not of a component: a GPU that is there, callbacks and an
+    objective that name a metric."""
     problems: list[str] = []
     trainer = cfg.get("trainer") or {}
     accelerator = str(trainer.get("accelerator", "")).lower()
@@ -175,6 +176,13 @@ def _run_problems(cfg: DictConfig) -> list[str]:
             problems.append(
                 f"trainer.accelerator={accelerator} but no CUDA GPU is visible on this "
                 "machine; use trainer=default (CPU) or run where a GPU is"
+            )
+    for name, node in (cfg.get("callbacks") or {}).items():
+        monitor = node.get("monitor") if isinstance(node, DictConfig) else None
+        if monitor is not None and not str(monitor).startswith(MONITORED_SPLITS):
+            problems.append(
+                f"callbacks.{name}.monitor={monitor!r} must name a metric logged while training:"
+                " val/... or train/... (e.g. val/acc, val/loss, val/cv_load)"
             )
     objective = cfg.get("objective")
     names = [objective] if isinstance(objective, str) else list(objective or [])

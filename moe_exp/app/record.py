@@ -1,7 +1,8 @@
 """The run record: ``summary.json`` in the run folder, always written atomically.
 
-Status is ``running`` while a run trains, then ``completed``, ``failed``, ``diverged`` or
-``interrupted`` (stopped by SIGTERM/SIGINT with a checkpoint to resume from). A resumed run
+Status is ``running`` while a run trains, then ``completed``, ``failed``, ``diverged``,
+``interrupted`` (stopped by SIGTERM/SIGINT with a checkpoint to resume from) or ``debug``
+(a fast_dev_run: it ran one batch of each split and has no results). A resumed run
 keeps its record: the resume count goes up and the wall time adds up over the attempts.
 """
 
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
+STATUSES = ("running", "completed", "failed", "diverged", "interrupted", "debug")
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ fails with the offending key and both shapes, not a stack trace.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -63,8 +64,12 @@ def run(
     if resume:  # before the record: a refused resume leaves the run's files as they were
         check_resume_folder(Path(resume), run_dir, cfg)
     record = RunRecord(run_dir, overrides, resume=bool(resume), enabled=rank_zero)
-    if notes:
-        record.update(**notes)
+    record.update(
+        task_name=cfg.get("task_name"),
+        tags=[str(t) for t in cfg.get("tags") or []],
+        **({"debug_run": cfg.debug_run} if cfg.get("debug_run") else {}),
+        **(notes or {}),
+    )
     try:
         validate(cfg, overrides or ())
         if rank_zero:
@@ -82,7 +87,10 @@ def run(
         log.warning("%s", stop)
         raise SystemExit(EXIT_CODES.get(stop.signal_name, 1)) from err
     finally:
-        close_wandb(failed=record.data["status"] != "completed")
+        close_wandb(failed=record.data["status"] not in ("completed", "debug"))
+    if record.data["status"] == "debug":
+        log.info("debug run (%s) done: nothing measured or recorded → %s", cfg.debug_run, run_dir)
+        return math.nan
     if not rank_zero:
         return objective_value(cfg, results)
     cv_load = [v for k, v in results.items() if k.startswith("test/") and k.endswith("cv_load")]
@@ -146,31 +154,42 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before.*")
 
 
+def make_callbacks(
+    cfg: DictConfig, run_dir: Path, resume_from: Mapping[str, Any] | None = None
+) -> list[Any]:
+    """The run's Lightning callbacks: exact resume (always), then every ``callbacks`` node
+    that is not null, each given the run folder where it takes one (``run_dir``, or
+    ModelCheckpoint's ``dirpath`` when unset)."""
+    import inspect
+
+    from hydra.utils import get_object
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from moe_exp.training.callbacks import ExactResume
+
+    callbacks = [ExactResume(ExactResume.state_in(resume_from) if resume_from else None)]
+    for node in (cfg.get("callbacks") or {}).values():
+        if node is None:
+            continue
+        target = get_object(node._target_)
+        given: dict[str, Any] = {}
+        if "run_dir" in inspect.signature(target).parameters and "run_dir" not in node:
+            given["run_dir"] = str(run_dir)
+        checkpoints = isinstance(target, type) and issubclass(target, ModelCheckpoint)
+        if checkpoints and node.get("dirpath") is None:
+            given["dirpath"] = str(run_dir / "checkpoints")
+        callbacks.append(instantiate(node, **given))
+    return callbacks
+
+
 def make_trainer(
     cfg: DictConfig, run_dir: Path, resume_from: Mapping[str, Any] | None = None
 ) -> Any:
     """The Trainer with the run's loggers and callbacks; ``resume_from`` is the checkpoint a
     resumed run continues (its metrics.csv rows and exact-resume state are carried over)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelSummary
     from lightning.pytorch.loggers import CSVLogger
 
-    from moe_exp.training.callbacks import (
-        CollapseAlarm,
-        ExactResume,
-        InterruptCheckpoint,
-        progress_bar,
-    )
-
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor="val/acc",
-        mode="max",
-        save_top_k=1,
-        save_last=True,  # checkpoints/last.ckpt at every epoch end: what resume= continues
-        auto_insert_metric_name=False,
-        enable_version_counter=False,
-    )
     # rank 0 alone: the CSV logger writes nothing on the others (its experiment is a dummy)
     carry = resume_from and global_rank() == 0
     rows = carry_csv_rows(run_dir, first_epoch_after(resume_from)) if carry else []
@@ -182,20 +201,14 @@ def make_trainer(
         if rows and isinstance(logger, CSVLogger):
             logger.experiment.metrics.extend(rows)
             logger.save()  # on disk again now: a resumed run that fails must not lose them
-    extra = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
-    callbacks = [
-        checkpoint,
-        InterruptCheckpoint(run_dir / "checkpoints"),
-        ExactResume(ExactResume.state_in(resume_from) if resume_from else None),
-        progress_bar(),
-        CollapseAlarm(run_dir),
-        *extra,
-    ]
+    callbacks = make_callbacks(cfg, run_dir, resume_from)
+    summary = any(isinstance(c, ModelSummary) for c in callbacks)
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
+        **({"enable_model_summary": True} if summary else {}),
     )
 
 
@@ -271,12 +284,15 @@ def _fit(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, ckpt: Path
             trainer, module, datamodule, ckpt_path=str(ckpt) if ckpt else None
         )
     except (SIGTERMException, KeyboardInterrupt) as err:
-        (saver,) = [c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint)]
-        name = saver.signal_name or "SIGTERM"
+        savers = [c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint)]
         run_dir = Path(trainer.default_root_dir)
+        if not savers:  # callbacks.interrupt_checkpoint=null: nothing was saved at the signal
+            name = "SIGINT" if isinstance(err, KeyboardInterrupt) else "SIGTERM"
+            raise Interrupted(name, f"Interrupted by {name}; no checkpoint was saved") from err
+        name = savers[0].signal_name or "SIGTERM"
         raise Interrupted(
             name,
-            f"Interrupted by {name} at {saver.where}; checkpoint saved to "
+            f"Interrupted by {name} at {savers[0].where}; checkpoint saved to "
             f"checkpoints/last.ckpt. Continue with: moe-exp resume={run_dir}",
         ) from err
     if trainer.received_sigterm and trainer.is_global_zero:
@@ -313,9 +329,14 @@ def _train_and_test(
     trainer = make_trainer(cfg, run_dir, resume_from=checkpoint)
     del checkpoint
     for logger in trainer.loggers:  # each metrics row says whether it is training or the final
-        if hasattr(logger, "row_tags"):  # evaluation (fit, validate, test)
+        if isinstance(getattr(logger, "row_tags", None), dict):  # evaluation (fit, validate, test)
             logger.row_tags["phase"] = lambda: getattr(trainer.state.fn, "value", "")
     _fit(cfg, trainer, module, datamodule, last)
+    if trainer.fast_dev_run:  # a few batches of each split: nothing to measure or claim
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        batches = int(trainer.fast_dev_run)
+        record.finish("debug", fast_dev_run=f"{batches} batch(es) of each split, no results")
+        return {}
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     ckpt = "best" if best else None
@@ -326,13 +347,13 @@ def _train_and_test(
     if not trainer.is_global_zero:
         return results  # rank 0 measures, draws and writes the record
     measured, plots = _measure(module, datamodule, run_dir)
-    (alarm,) = [c for c in trainer.callbacks if isinstance(c, CollapseAlarm)]
+    alarms = [c for c in trainer.callbacks if isinstance(c, CollapseAlarm)]
     results.update(
         measured,
         **module.last_epoch(),
         epochs=trainer.current_epoch,
         train_samples_per_s=module.train_samples_per_s,
-        collapse_events=alarm.events,
+        collapse_events=alarms[0].events if alarms else None,
         best_checkpoint=str(Path(best).relative_to(run_dir)) if best else None,
         plots=[str(p.relative_to(run_dir)) for p in plots],
     )

@@ -32,6 +32,7 @@ class Composition:
     expert_targets: tuple[Any, ...] = ()  # every class the expert node builds (mixed groups)
     choices: Mapping[str, str] = field(default_factory=dict)  # axis -> the option chosen
     path: str = ""  # the dotted config path of the node whose rules are asked
+    trainer: Mapping[str, Any] = field(default_factory=dict)  # the Trainer's arguments
     # the options of a config group whose target passes a test (for "use one of ..." hints)
     options: Callable[[str, Callable[[Any], bool]], list[str]] = _no_options
 

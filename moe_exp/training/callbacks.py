@@ -145,8 +145,8 @@ class InterruptCheckpoint(L.Callback):
     a bug) save nothing: such a state is not worth continuing.
     """
 
-    def __init__(self, dirpath: Path) -> None:
-        self.path = Path(dirpath) / LAST
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "checkpoints" / LAST
         self.signal_name: str | None = None
         self.where = ""
         self._previous: Any = None

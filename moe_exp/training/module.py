@@ -321,13 +321,19 @@ class MoEClassifierModule(L.LightningModule):
             router_wd = self.router_weight_decay
         routing = {id(p) for p in router_parameters(self.model)}
         params = [p for p in params if p.requires_grad]
-        groups = [
+        groups = [  # named for LearningRateMonitor: lr-AdamW/router, lr-AdamW/model
             {
+                "name": "router",
                 "params": [p for p in params if id(p) in routing],
                 "lr": router_lr or lr,
                 "weight_decay": router_wd,
             },
-            {"params": [p for p in params if id(p) not in routing], "lr": lr, "weight_decay": wd},
+            {
+                "name": "model",
+                "params": [p for p in params if id(p) not in routing],
+                "lr": lr,
+                "weight_decay": wd,
+            },
         ]
         return [g for g in groups if g["params"]]
 

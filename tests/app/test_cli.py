@@ -99,6 +99,14 @@ def test_the_users_own_command_works_with_overrides_on_both_sides_of_m(app, tmp_
         (["gate=switch", "k=2"], "k=2 asks for top-2 routing, but gate=switch is top-1 only"),
         (["regularizer=tree_balance"], "regularizer.tree_balance (tree balance) needs soft-tree"),
         (["expert.dropout=1.5"], "expert.dropout=1.5 must be a number in [0, 1)"),
+        (
+            ["callbacks.model_checkpoint.monitor=loss"],
+            "callbacks.model_checkpoint.monitor='loss' must name a metric logged while training",
+        ),
+        (
+            ["strategy=em", "trainer.gradient_clip_val=1"],
+            "trainer.gradient_clip_val=1 cannot apply to strategy=em",
+        ),
     ],
 )
 def test_bad_input_fails_with_a_message_not_a_traceback(app, tmp_path, args, message):

@@ -117,7 +117,19 @@ class StagedStrategy:
         shared = run.args.get("model", {}).get("shared_experts") or 0
         separate = run.options("model", lambda c: getattr(c, "separate_gate", False))
         name = run.choices.get("strategy", cls.strategy)
-        return model_problems(name, model, shared, run.name("model"), separate)
+        problems = model_problems(name, model, shared, run.name("model"), separate)
+        automatic = [  # Lightning applies these only where it steps the optimiser itself
+            f"trainer.{key}={run.trainer[key]}"
+            for key, default in (("gradient_clip_val", None), ("accumulate_grad_batches", 1))
+            if run.trainer.get(key, default) not in (default, 0)
+        ]
+        if automatic:
+            problems.append(
+                f"{', '.join(automatic)} cannot apply to strategy={name}: it steps its "
+                "optimisers itself (Lightning's manual optimisation); leave them at their "
+                "defaults, or use strategy=joint"
+            )
+        return problems
 
     steps_per_batch = 1  # optimiser steps per training batch (EM: em_steps)
     use_router_lr = False  # optim.router_lr for the routing group (else the stage's lr)
@@ -163,7 +175,7 @@ class StagedStrategy:
 
         trainer.callbacks.append(StrategyHooks(self))
         for logger in trainer.loggers:  # the stage's name on every metrics row
-            if hasattr(logger, "row_tags"):
+            if isinstance(getattr(logger, "row_tags", None), dict):
                 logger.row_tags["stage"] = lambda: self.current_name
 
     def fit(
