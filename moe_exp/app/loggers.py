@@ -4,6 +4,10 @@ W&B runs online only when online is asked for (``mode=online`` or WANDB_MODE=onl
 API key is configured (WANDB_API_KEY or a netrc entry); otherwise offline, so a run never
 blocks at a login prompt or waits on a network. The chosen mode is logged. The run id is
 kept in the run folder (``wandb_id.txt``) so a resumed run continues the same W&B run.
+Metrics are charted against ``epoch`` (``define_metric``), the summary keeps the best
+``val/acc`` and the final test metrics, and a finished run adds per-expert tables (load,
+importance, accuracy and inputs seen, per split; the expert × class contingency) and the
+routing pictures.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -76,7 +81,7 @@ def wandb_logger(
     id_file.write_text(run_id + "\n")
     hydra_group, hydra_name = _hydra_names()
     log.info("W&B logging %s (project %s, run id %s)", resolved.upper(), project, run_id)
-    return WandbLogger(
+    logger = WandbLogger(
         save_dir=save_dir,
         project=project,
         offline=resolved == "offline",
@@ -84,18 +89,59 @@ def wandb_logger(
         resume="allow",
         group=group or hydra_group,
         name=name or hydra_name,
-        tags=tags,
+        tags=list(tags or []),
         **kwargs,
     )
+    run = logger.experiment
+    run.define_metric("epoch")
+    for split in ("train", "val", "gap", "lr-*"):
+        run.define_metric(f"{split}/*" if split != "lr-*" else split, step_metric="epoch")
+    run.define_metric("val/acc", step_metric="epoch", summary="max")
+    return logger
 
 
-def log_to_wandb(loggers: list[Any], summary: dict[str, Any], images: list[Path]) -> None:
-    """Summary metrics and pictures to every W&B logger of a finished run."""
+SPLITS = ("train", "val", "test")
+PER_EXPERT = ("load", "importance", "acc", "seen")
+
+
+def expert_table(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows of the per-expert table: one row per split and expert."""
+    found = (re.fullmatch(r"test/load_e(\d+)", k) for k in summary)
+    experts = sorted(int(m.group(1)) for m in found if m)
+    rows = [
+        [split, e, *(summary.get(f"{split}/{name}_e{e}") for name in PER_EXPERT)]
+        for split in SPLITS
+        for e in experts
+        if f"{split}/load_e{e}" in summary
+    ]
+    return ["split", "expert", *PER_EXPERT], rows
+
+
+def log_to_wandb(
+    loggers: list[Any],
+    summary: dict[str, Any],
+    images: list[Path],
+    contingency: list[tuple[list[str], Any]] | None = None,
+) -> None:
+    """Summary metrics, per-expert tables and pictures to every W&B logger of a finished run;
+    ``contingency`` is (class names, expert × class routing mass) per MoE layer."""
     from lightning.pytorch.loggers import WandbLogger
 
     for lg in (lg for lg in loggers if isinstance(lg, WandbLogger)):
-        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+        # the best val/acc stays the summary's (define_metric summary="max")
+        numbers = {
+            k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and k != "val/acc"
+        }
         lg.experiment.summary.update(numbers)
+        columns, rows = expert_table(summary)
+        lg.log_table("tables/experts", columns=columns, data=rows)
+        for i, (names, mass) in enumerate(contingency or []):
+            tag = f"_layer{i}" if len(contingency or []) > 1 else ""
+            cells = [[e, names[c], float(mass[e, c])] for e in range(mass.shape[0])
+                     for c in range(mass.shape[1])]  # fmt: skip
+            lg.log_table(
+                f"tables/expert_class{tag}", columns=["expert", "class", "mass"], data=cells
+            )
         for path in images:  # one key per picture: sizes differ
             lg.log_image(f"plots/{path.stem}", images=[str(path)])
 

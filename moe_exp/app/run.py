@@ -359,5 +359,10 @@ def _train_and_test(
     )
     results["gap/acc_eval"] = results["train/acc_eval"] - results["val/acc"]
     record.finish("completed", **results)
-    log_to_wandb(trainer.loggers, record.data, plots)
+    contingency = [
+        (datamodule.class_names, stats.class_mass)
+        for stats in module.test_tables
+        if stats.class_mass.numel()
+    ]
+    log_to_wandb(trainer.loggers, record.data, plots, contingency)
     return results

@@ -1,6 +1,7 @@
 """What a finished run measures: cost, similarity, pictures, W&B offline, collapse alarm."""
 
 import json
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,7 +69,7 @@ def test_collapse_alarm_fires_after_patience(tmp_path):
 
 
 def test_a_run_with_wandb_offline_writes_everything(cli, tmp_path, monkeypatch):
-    out = cli(*QUICK, "logger=[csv,wandb]")
+    out = cli(*QUICK, "logger=[csv,wandb]", "tags=[baseline]")
     assert out.returncode == 0, out.stderr
     assert "W&B logging OFFLINE" in out.stdout + out.stderr
     run = single_run_dir(tmp_path)
@@ -109,6 +110,43 @@ def test_a_run_with_wandb_offline_writes_everything(cli, tmp_path, monkeypatch):
     assert b"experiment=quick" in blob and b"test/acc" in blob
     media = list(Path(wandb_file.parent, "files", "media", "images").rglob("*.png"))
     assert len(media) >= 7
+    tables = Path(wandb_file.parent, "files", "media", "table", "tables")
+    (experts,) = tables.glob("experts_*.table.json")
+    table = json.loads(experts.read_text())
+    assert table["columns"] == ["split", "expert", "load", "importance", "acc", "seen"]
+    assert {row[0] for row in table["data"]} == {"train", "val", "test"}
+    assert len(table["data"]) == 3 * 4  # every split, every expert
+    (contingency,) = tables.glob("expert_class_*.table.json")
+    assert len(json.loads(contingency.read_text())["data"]) == 4 * 16  # experts × classes
+    records = list(wandb_records(wandb_file))
+    (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert list(meta.tags) == ["baseline"] and meta.job_type == "train"
+    metrics = {
+        r.metric.name or r.metric.glob_name: r.metric
+        for r in records
+        if r.WhichOneof("record_type") == "metric"
+    }
+    assert metrics["train/*"].step_metric == "epoch" and metrics["val/*"].step_metric == "epoch"
+    assert metrics["val/acc"].summary.max  # the summary keeps the best val/acc
+
+
+def wandb_records(path):
+    """The protobuf records of an offline W&B run file (a LevelDB-style log: 32 KiB blocks of
+    chunks with 7-byte headers, after the file's own 7-byte header)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, offset, pending = Path(path).read_bytes(), 7, b""
+    while offset + 7 <= len(data):
+        if 32768 - offset % 32768 < 7:  # a block's tail too short for a header is padding
+            offset += 32768 - offset % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        chunk, offset = data[offset + 7 : offset + 7 + length], offset + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
 
 
 def test_eval_accuracy_is_the_eval_mode_accuracy_of_the_whole_split():
