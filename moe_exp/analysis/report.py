@@ -184,7 +184,7 @@ def build_report(
     metrics = list(metrics or (spec or {}).get("metrics") or METRICS)
     swept = swept_parameters(runs)
     groups = group_runs(runs, swept)
-    verdicts = _verdicts(spec, groups) if spec else []
+    verdicts, note = _verdicts(spec, groups) if spec else ([], "")
     header = [*swept, *metrics, "n", "status"]
     stats = [{m: g.stats(m) for m in metrics} for g in groups]
     rows = []
@@ -194,7 +194,7 @@ def build_report(
         cells += [str(len(g.completed)), g.status()]
         rows.append(cells)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_markdown(out_dir / "report.md", header, rows, runs, spec, verdicts)
+    _write_markdown(out_dir / "report.md", header, rows, runs, spec, verdicts, note)
     if spec:
         (out_dir / "verdicts.json").write_text(
             json.dumps([{**asdict(v), "verdict": v.label} for v in verdicts], indent=2) + "\n"
@@ -232,21 +232,25 @@ def build_report(
     }
 
 
-def _verdicts(spec: dict[str, Any], groups: list[Group]) -> list[Any]:
-    """Run the preset's check, a function of :mod:`moe_exp.analysis.ablations` named by its
-    ``_target_``: a results file names a check, it never brings code to run."""
+def _verdicts(spec: dict[str, Any], groups: list[Group]) -> tuple[list[Any], str]:
+    """The preset's verdicts and a note: the check is a function of
+    :mod:`moe_exp.analysis.ablations` looked up by the name in its ``_target_`` (a results
+    file names a check, it never brings code to run). A name that is not one of them, or
+    arguments it does not take, give no verdicts and a one-line note instead."""
     from moe_exp.analysis import ablations
 
-    node = dict(spec["check"])
+    node = dict(spec.get("check") or {})
     target = str(node.pop("_target_", ""))
     node.pop("_partial_", None)
     module, _, name = target.rpartition(".")
     known = ablations.checks()
     if module != ablations.__name__ or name not in known:
         names = ", ".join(f"{ablations.__name__}.{n}" for n in known)
-        raise ValueError(f"ablation.check._target_={target!r} is not one of {names}")
-    check = known[name]
-    return check(ablations.Results(groups), **node)
+        return [], f"no verdicts: ablation.check._target_={target!r} is not one of {names}"
+    try:
+        return known[name](ablations.Results(groups), **node), ""
+    except TypeError as err:  # arguments the check does not take
+        return [], f"no verdicts: ablation.check of {name} failed: {err}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -261,11 +265,14 @@ def _write_markdown(
     runs: list[Run],
     spec: dict[str, Any] | None = None,
     verdicts: Sequence[Any] = (),
+    note: str = "",
 ) -> None:
     title = (spec or {}).get("title", "moe-exp report")
     lines = [f"# {title}", ""]
     if spec and spec.get("source"):
         lines += [f"Source: {spec['source']}", ""]
+    if note:
+        lines += [f"> {note}", ""]
     if verdicts:
         lines += ["## Verdicts", ""]
         lines += [f"- **{v.label}**: {v.claim}. {v.evidence}" for v in verdicts]

@@ -188,6 +188,26 @@ def test_report_writes_verdicts_and_the_published_table(tmp_path):
     assert [v["verdict"] for v in saved] == ["holds"] * 4
 
 
+@pytest.mark.parametrize(
+    ("check", "note"),
+    [
+        ({"_target_": "os.system", "command": "touch planted"}, "is not one of"),
+        ({"_target_": "moe_exp.analysis.ablations.balance_loss", "nope": 1}, "failed"),
+    ],
+)
+def test_a_planted_check_runs_no_code_and_the_rest_of_the_report_is_written(tmp_path, check, note):
+    """A run folder from elsewhere names a callable: the report looks checks up by name in its
+    own table, calls nothing else, says so in one line and writes the rest."""
+    spec = {"title": "Planted", "check": check, "metrics": ["test/acc"]}
+    balance_runs(tmp_path / "runs")
+    write_run(tmp_path / "runs", "spec", ["balance_weights=[0,0]", "seed=9"], "completed", spec)
+    table = build_report([tmp_path / "runs"], tmp_path / "out", plots=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert len(table["rows"]) == 3 and "| balance_weights | test/acc |" in md  # the table
+    assert "> no verdicts: ablation.check" in md and note in md and "## Verdicts" not in md
+    assert not list(tmp_path.rglob("planted")) and not Path("planted").exists()
+
+
 PRESETS = {  # each preset reduced to 2 grid points (command-line sweeps win over the preset's)
     "ablation_balance": ["balance_weights=[0,0],[1,1]"],
     "ablation_bias_balance": ["gate=bias_balanced", "regularizer=none,switch"],
