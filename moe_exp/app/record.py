@@ -3,7 +3,9 @@
 Status is ``running`` while a run trains, then ``completed``, ``failed``, ``diverged``,
 ``interrupted`` (stopped by SIGTERM/SIGINT with a checkpoint to resume from) or ``debug``
 (a fast_dev_run: it ran one batch of each split and has no results). A resumed run
-keeps its record: the resume count goes up and the wall time adds up over the attempts.
+keeps its record: the resume count goes up, the epoch it resumed from is noted, and the wall
+time adds up over the attempts (it is written at every update and epoch, so a part killed
+outright counts up to its last epoch).
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class RunRecord:
         self._write()
 
     def _write(self) -> None:
+        # the wall time so far is in every write, so a run killed outright (SIGKILL) leaves
+        # the time of its part for a resume to add to
+        elapsed = time.perf_counter() - self.start
+        self.data["wall_time_s"] = round(self.earlier_s + elapsed, 3)
         if self.enabled:
             write_json_atomic(self.path, self.data)
 
@@ -71,8 +77,6 @@ class RunRecord:
         assert status in STATUSES[1:], status
         self.data.update(values)
         self.data["status"] = status
-        elapsed = time.perf_counter() - self.start
-        self.data["wall_time_s"] = round(self.earlier_s + elapsed, 3)
         if error is not None:
             self.data["error"] = error
         else:

@@ -307,7 +307,7 @@ def _train_and_test(
 
     from moe_exp.app.build import build_components
     from moe_exp.app.loggers import log_to_wandb
-    from moe_exp.training.callbacks import CollapseAlarm
+    from moe_exp.training.callbacks import CollapseAlarm, EveryEpoch
     from moe_exp.training.checkpoints import check_fits, load_checkpoint
 
     quiet_lightning()
@@ -326,8 +326,12 @@ def _train_and_test(
         # stops at its epoch
         module.history = checkpoint.get("history", module.history)
         log.info("resuming %s from epoch %s", run_dir, checkpoint.get("epoch"))
+        record.update(resumed_from_epoch=checkpoint.get("epoch"))
     trainer = make_trainer(cfg, run_dir, resume_from=checkpoint)
     del checkpoint
+    trainer.callbacks.append(
+        EveryEpoch(lambda trainer: record.update(epochs=trainer.current_epoch + 1))
+    )
     for logger in trainer.loggers:  # each metrics row says whether it is training or the final
         if isinstance(getattr(logger, "row_tags", None), dict):  # evaluation (fit, validate, test)
             logger.row_tags["phase"] = lambda: getattr(trainer.state.fn, "value", "")

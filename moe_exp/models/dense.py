@@ -10,6 +10,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from moe_exp.measure.cost import count_flops, flops_per_sample
 from moe_exp.models.mixture import MixtureClassifier, count_parameters
 from moe_exp.moe import Regularizer, Routing
 from moe_exp.moe.experts import first_kind
+from moe_exp.moe.rules import Composition
 
 MATCHES = ("flops", "params")
 WIDTH_KNOBS = ("width", "hidden")  # the constructor argument that scales an expert
@@ -37,6 +39,15 @@ def width_knob(factory: Callable[..., nn.Module]) -> str:
         f"a dense baseline scales the expert's width, but {target.__name__} has no "
         f"{' or '.join(WIDTH_KNOBS)} argument; use expert=cnn, mlp or resnet"
     )
+
+
+def width_problems(kind: Any, model: str) -> list[str]:
+    """The rule of :func:`width_knob` as a config check's message."""
+    try:
+        width_knob(kind)
+    except ValueError as err:
+        return [f"model={model}: {err}"]
+    return []
 
 
 def forward_flops(module: nn.Module, in_shape: Sequence[int]) -> float:
@@ -70,6 +81,12 @@ class DenseBaseline(nn.Module):
     The nearest integer width usually lands within a few percent (``match_error``).
     Returns (log-probabilities, []): no MoE layer, no routing.
     """
+
+    @classmethod
+    def config_problems(cls, args: Mapping[str, Any], run: Composition) -> list[str]:
+        """The expert kind must have a width to scale (the first kind of a mixed expert)."""
+        kinds = [t for t in run.expert_targets if isinstance(t, type)]
+        return width_problems(kinds[0], run.name("model")) if kinds else []
 
     def __init__(
         self,

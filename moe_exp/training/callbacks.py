@@ -130,6 +130,17 @@ class CollapseAlarm(L.Callback):
                 )
 
 
+class EveryEpoch(L.Callback):
+    """Calls ``fn(trainer)`` at the end of every training epoch (the run record's progress)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            self.fn(trainer)
+
+
 # -- resumable runs ------------------------------------------------------------------------
 LAST = "last.ckpt"  # ModelCheckpoint(save_last=True) writes the same name at each epoch end
 

@@ -103,6 +103,10 @@ def test_the_users_own_command_works_with_overrides_on_both_sides_of_m(app, tmp_
             ["callbacks.model_checkpoint.monitor=loss"],
             "callbacks.model_checkpoint.monitor='loss' must name a metric logged while training",
         ),
+        (  # found by the config property test: refused at the check, not in the constructor
+            ["expert=linear", "model=dense_flops"],
+            "model=dense_flops: a dense baseline scales the expert's width, but LinearExpert",
+        ),
         (
             ["strategy=em", "trainer.gradient_clip_val=1"],
             "trainer.gradient_clip_val=1 cannot apply to strategy=em",

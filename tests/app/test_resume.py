@@ -305,13 +305,18 @@ def test_a_run_killed_after_an_epoch_keeps_that_epochs_rows_and_history(tmp_path
     killed = start(LONGER, tmp_path)
     stop_in_epoch_2(killed, signal.SIGKILL)
     folder = single_run_dir(tmp_path)
-    assert json.loads((folder / "summary.json").read_text())["status"] == "running"
+    killed_record = json.loads((folder / "summary.json").read_text())
+    assert killed_record["status"] == "running" and killed_record["epochs"] == 1
     assert load_checkpoint(folder / "checkpoints" / "last.ckpt")["epoch"] == 0
     rows_before = val_rows(folder)
     assert set(rows_before) == {"0"}
 
     out = run_cli(f"resume={folder}", cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr
+    record = json.loads((folder / "summary.json").read_text())
+    # the killed part's time counts (up to its last epoch end), and the record says resumed
+    assert record["resumes"] == 1 and record["resumed_from_epoch"] == 0
+    assert record["wall_time_s"] > killed_record["wall_time_s"] > 0
     rows = val_rows(folder)
     assert rows["0"] == rows_before["0"] and "1" in rows
     train_epochs = [

@@ -27,3 +27,13 @@ def test_the_l1_coefficient_moves_towards_the_target_sparsity():
     assert float(gate.l1_coefficient) == 2.0
     gate(-dense)  # every gate zero: sparsity 1 > target
     assert float(gate.l1_coefficient) == 1.0
+
+
+def test_the_l1_loss_backpropagates_although_its_coefficient_adapts_in_the_same_step():
+    """Found by the config property test (gate=relu through a training step): the loss must
+    not hold the coefficient that the step then updates in place."""
+    gate = _identity_gate(4, k=1, l1_init=1.0, l1_growth=2.0).train()
+    h = torch.randn(8, 4, requires_grad=True)
+    r = gate(h)
+    r.aux_losses["relu_l1"].backward()
+    assert h.grad is not None and float(gate.l1_coefficient) != 1.0

@@ -52,7 +52,9 @@ class ReLUGate(Router):
             indices=experts.masked_fill(~active, -1),
         )
         if self.training:
-            routing.aux_losses["relu_l1"] = self.l1_coefficient * gates.sum(-1).mean()
+            # a copy: the coefficient adapts in place below, after the loss has used it
+            coefficient = self.l1_coefficient.clone()
+            routing.aux_losses["relu_l1"] = coefficient * gates.sum(-1).mean()
             self._adapt(active)
         return routing
 
