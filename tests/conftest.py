@@ -119,7 +119,7 @@ def app(tmp_path):
 def quick_sweep(tmp_path_factory) -> Path:
     """One real 2×2 multirun (gate × seed), shared by the tests that read sweeps."""
     root = tmp_path_factory.mktemp("sweep")
-    out = run_app("-m", *QUICK, "gate=topk,noisy_topk", "seed=0,1", cwd=root)
+    out = run_app("-m", *QUICK, *TINY_DATA, "gate=topk,noisy_topk", "seed=0,1", cwd=root)
     assert out.returncode == 0, out.stderr
     return single_sweep_dir(root)
 
