@@ -107,6 +107,10 @@ def test_the_users_own_command_works_with_overrides_on_both_sides_of_m(app, tmp_
             ["expert=linear", "model=dense_flops"],
             "model=dense_flops: a dense baseline scales the expert's width, but LinearExpert",
         ),
+        (  # found by the config property test: refused before the data is built
+            ["data=digits", "strategy=hierarchical_attribute"],
+            "strategy.attribute='colour' is not a discrete latent of this data; available: none",
+        ),
         (
             ["strategy=em", "trainer.gradient_clip_val=1"],
             "trainer.gradient_clip_val=1 cannot apply to strategy=em",

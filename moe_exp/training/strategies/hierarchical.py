@@ -18,7 +18,8 @@ from torch import Tensor
 
 from moe_exp.errors import ConfigError
 from moe_exp.moe import Routing
-from moe_exp.training.strategies.partition import Partition
+from moe_exp.moe.rules import Composition
+from moe_exp.training.strategies.partition import Partition, attribute_problems
 from moe_exp.training.strategies.staged import (
     Stage,
     StagedStrategy,
@@ -33,6 +34,18 @@ class HierarchicalStrategy(StagedStrategy):
     """Staged training: experts on their partition → gate towards the best expert → all."""
 
     strategy = "hierarchical"
+
+    @classmethod
+    def config_problems(cls, args: Mapping[str, Any], run: Composition) -> list[str]:
+        """The staged rules, and an attribute the data declares (``discrete_latents``; label
+        noise adds ``clean_label``), checked before the data is built."""
+        problems = super().config_problems(args, run)
+        data = run.targets.get("data")
+        if args.get("partition") == "attribute" and hasattr(data, "discrete_latents"):
+            noisy = (run.args.get("data", {}).get("label_noise") or 0) > 0
+            available = [*data.discrete_latents, *(["clean_label"] if noisy else [])]
+            problems += attribute_problems(args.get("attribute"), available)
+        return problems
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +20,17 @@ def _hash_unit(x: Tensor, seed: int) -> Tensor:
     w = torch.randn(x[0].numel(), generator=g).to(x.device, torch.float64)
     v = x.reshape(x.shape[0], -1).to(torch.float64) @ w * 1000.0
     return torch.frac(v.abs())
+
+
+def attribute_problems(attribute: str | None, available: Iterable[str]) -> list[str]:
+    """An attribute partition needs a discrete latent the data has."""
+    names = list(available)
+    if attribute in names:
+        return []
+    return [
+        f"strategy.attribute={attribute!r} is not a discrete latent of this data; "
+        f"available: {', '.join(names) or 'none'}"
+    ]
 
 
 class Partition:
@@ -54,11 +65,8 @@ class Partition:
     def fit(self, datamodule: Any, latents: Mapping[str, tuple[int, int]]) -> Partition:
         e = self.num_experts
         if self.kind == "attribute":
-            if self.attribute not in latents:
-                raise ConfigError(
-                    f"strategy.attribute={self.attribute!r} is not a discrete latent of this "
-                    f"data; available: {', '.join(latents) or 'none'}"
-                )
+            if problems := attribute_problems(self.attribute, latents):
+                raise ConfigError(problems[0])
             self.column, self.values = latents[self.attribute]
             if self.values > e:
                 raise ConfigError(
