@@ -8,6 +8,7 @@ the same table, so a value is refused in the same words by the runner and by the
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,21 @@ class DivergedError(MoeExpError):
 
 class DataNotFoundError(MoeExpError):
     """A dataset's files are missing (or fail their checksum) under ``data.root``."""
+
+
+class WriteError(MoeExpError):
+    """A file of the run could not be written: a full disk, a read-only or missing folder."""
+
+    ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+    @classmethod
+    def of(cls, err: OSError, what: str = "a file of the run", verb: str = "write") -> WriteError:
+        where = f" ({err.filename})" if err.filename else ""
+        return cls(
+            f"Could not {verb} {what}{where}: {err.strerror or err} (errno {err.errno}). Free "
+            "space or fix the folder's permissions, or write elsewhere: "
+            "paths.output_dir=<folder> (or hydra.run.dir=<folder>)."
+        )
 
 
 @dataclass(frozen=True)

@@ -62,15 +62,30 @@ def _worst(sweeper: Any) -> float | list[float]:
     return values[0] if isinstance(direction, str) else values
 
 
-class SweepGuard(Callback):
-    """Hydra callback at the start of a multirun: refuse script-launching DDP before any job
-    starts, and create the sweep folder (Optuna's sqlite storage lives there and is opened
-    before the first job would create it)."""
+class LaunchGuard(Callback):
+    """Hydra callback before a run or a multirun: the run (or sweep) folder is created here,
+    where a folder that cannot be made ends the command with one message (Hydra would print
+    its own traceback); a multirun also refuses script-launching DDP before any job starts
+    (and Optuna's sqlite storage lives in the sweep folder, opened before any job makes it).
+    Hydra turns exceptions of callbacks into warnings, so a refusal exits here."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_folder(config.hydra.run.dir, "the run folder")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = OmegaConf.select(config, "hydra.launcher._target_", default="") or ""
         check_launch(config, multirun=True, launcher_target=str(launcher))
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        _make_folder(config.hydra.sweep.dir, "the sweep folder")
+
+
+def _make_folder(path: str, what: str) -> None:
+    from moe_exp.errors import WriteError
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"Error: {WriteError.of(err, what, verb='create')}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

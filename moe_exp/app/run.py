@@ -25,7 +25,7 @@ from moe_exp.app.config import instantiate, validate
 from moe_exp.app.loggers import close_wandb
 from moe_exp.app.record import RunRecord
 from moe_exp.app.resume import carry_csv_rows, check_resume_folder, first_epoch_after
-from moe_exp.errors import ConfigError, DivergedError
+from moe_exp.errors import ConfigError, DivergedError, WriteError
 
 log = logging.getLogger("moe_exp")
 PROBE_INPUTS = 256  # test inputs used for FLOP counting and expert similarity
@@ -76,14 +76,21 @@ def run(
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         results = _train_and_test(cfg, run_dir, record, bool(resume))
     except DivergedError as err:
-        record.finish("diverged", error=str(err))
+        _finish(record, "diverged", str(err))
         raise
+    except OSError as err:
+        if err.errno not in WriteError.ERRNOS:
+            _finish(record, "failed", f"{type(err).__name__}: {err}")
+            raise
+        failure = WriteError.of(err)
+        _finish(record, "failed", f"WriteError: {failure}")
+        raise failure from err
     except BaseException as err:
         stop = _as_interruption(err, run_dir)
         if stop is None:
-            record.finish("failed", error=f"{type(err).__name__}: {err}")
+            _finish(record, "failed", f"{type(err).__name__}: {err}")
             raise
-        record.finish("interrupted", error=str(stop))
+        _finish(record, "interrupted", str(stop))
         log.warning("%s", stop)
         raise SystemExit(EXIT_CODES.get(stop.signal_name, 1)) from err
     finally:
@@ -104,6 +111,15 @@ def run(
         run_dir,
     )
     return objective_value(cfg, results)
+
+
+def _finish(record: RunRecord, status: str, error: str) -> None:
+    """End the record; where even that cannot be written (a full disk), the summary stays
+    the last complete one (written atomically) and the log says why."""
+    try:
+        record.finish(status, error=error)
+    except OSError as err:
+        log.error("summary.json could not be updated to %s: %s", status, err)
 
 
 def _as_interruption(err: BaseException, run_dir: Path) -> Interrupted | None:
