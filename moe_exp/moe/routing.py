@@ -78,9 +78,14 @@ class Routing:
         """
         if self.is_soft:
             return self.importance().float()
-        idx = self.indices[self.indices >= 0]
-        # float32, not the logits' dtype: bf16 rounds counts above 256
-        return torch.bincount(idx, minlength=self.num_experts).float()
+        e = self.num_experts
+        slots = self.indices.masked_fill(self.indices < 0, e).reshape(-1)  # slot E: dropped
+        # float32, not the logits' dtype: bf16 rounds counts above 256; a scatter, not a
+        # masked select or bincount, so the counts need no copy to the host on a GPU
+        ones = torch.ones(slots.shape, dtype=torch.float32, device=slots.device)
+        return torch.zeros(e + 1, dtype=torch.float32, device=slots.device).index_add_(
+            0, slots, ones
+        )[:e]
 
     def load_fraction(self) -> Tensor:
         load = self.load()

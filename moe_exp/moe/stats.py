@@ -121,11 +121,15 @@ def _per_input(values: Tensor, n_routed: int) -> Tensor:
 
 
 class RoutingStats:
-    """Accumulates one MoE layer's routing over many batches.
+    """Accumulates one MoE layer's routing over many batches, on the routing's own device:
+    a training step adds no device-to-host copy, and :meth:`compute` moves the sums to the
+    host once (per epoch).
 
     ``num_classes`` enables the expert × class table; ``latents`` maps a discrete latent
     attribute's name to (column in the latents tensor, number of values).
     """
+
+    COUNTS = ("dropped", "experts_received", "unrouted", "entropy_sum")
 
     def __init__(
         self,
@@ -140,56 +144,62 @@ class RoutingStats:
         self.dead_threshold = dead_threshold
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, device: torch.device | str | None = None) -> None:
         e = self.num_experts
-        self.load = torch.zeros(e, dtype=torch.float64)
-        self.importance = torch.zeros(e, dtype=torch.float64)
-        self.class_mass = torch.zeros(e, self.num_classes or 0, dtype=torch.float64)
-        self.latent_mass = {
-            name: torch.zeros(e, values, dtype=torch.float64)
-            for name, (_, values) in self.latents.items()
-        }
-        self.expert_correct = torch.zeros(e, dtype=torch.float64)
-        self.expert_seen = torch.zeros(e, dtype=torch.float64)
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        self.load, self.importance = zeros(e), zeros(e)
+        self.class_mass = zeros(e, self.num_classes or 0)
+        self.latent_mass = {name: zeros(e, values) for name, (_, values) in self.latents.items()}
+        self.expert_correct, self.expert_seen = zeros(e), zeros(e)
+        self.counts = zeros(len(self.COUNTS))  # summed on the device, read in compute()
         self.gate_entropies: list[Tensor] = []  # this process's, for histograms
-        self.entropy_sum = 0.0
-        self.entropy_count = 0
-        self.dropped = 0
-        self.assignments = 0
+        self.assignments = 0  # sizes, known on the host without a copy
         self.inputs = 0
-        self.experts_received = 0
-        self.unrouted = 0
+        self.entropy_count = 0
+
+    def _count(self, name: str, value: Tensor | int | float) -> None:
+        self.counts[self.COUNTS.index(name)] += value
 
     @torch.no_grad()
     def update(
         self, routing: Routing, labels: Tensor | None = None, latents: Tensor | None = None
     ) -> None:
-        gates = routing.gates().detach().double().cpu()  # importance = its column sums
-        self.load += routing.load().detach().double().cpu()
+        device = routing.weights.device
+        if self.load.device != device:  # the first batch says where the sums live
+            self.reset(device)
+        gates = routing.gates().detach().double()  # importance = its column sums
+        self.load += routing.load().detach().double()
         self.importance += gates.sum(0)
-        self.dropped += routing.dropped
+        self._count("dropped", routing.dropped)
         self.assignments += routing.indices.numel()
         received = routing.experts_per_input()
         self.inputs += received.numel()
-        self.experts_received += int(received.sum())
-        self.unrouted += int((received == 0).sum())
-        entropies = gate_entropy(routing.probs.detach()).float().cpu()
+        self._count("experts_received", received.sum())
+        self._count("unrouted", (received == 0).sum())
+        entropies = gate_entropy(routing.probs.detach()).float()
         self.gate_entropies.append(entropies)
-        self.entropy_sum += float(entropies.double().sum())
+        self._count("entropy_sum", entropies.double().sum())
         self.entropy_count += entropies.numel()
         n = gates.shape[0]
         if self.num_classes and labels is not None:
-            y = _per_input(labels.detach().cpu(), n)
+            y = _per_input(labels.detach(), n)
             self.class_mass.index_add_(1, y, gates.T)
             if routing.expert_predictions is not None:
-                rows, experts, predicted = (t.detach().cpu() for t in routing.expert_predictions)
+                rows, experts, predicted = (t.detach() for t in routing.expert_predictions)
                 correct = (predicted == y[rows]).double()
                 self.expert_correct.index_add_(0, experts, correct)
                 self.expert_seen.index_add_(0, experts, torch.ones_like(correct))
         if latents is not None:
             for name, (column, _) in self.latents.items():
-                values = _per_input(latents[:, column].detach().cpu().long(), n)
+                values = _per_input(latents[:, column].detach().long(), n)
                 self.latent_mass[name].index_add_(1, values, gates.T)
+
+    def _sums(self) -> list[Tensor]:
+        return [self.load, self.importance, self.class_mass, self.expert_correct,
+                self.expert_seen, *self.latent_mass.values(), self.counts]  # fmt: skip
 
     def sync(self, device: torch.device | str | None = None) -> None:
         """Sum the accumulators over all processes (DDP), once per epoch before
@@ -199,35 +209,45 @@ class RoutingStats:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
-        counts = [self.dropped, self.assignments, self.inputs, self.experts_received,
-                  self.unrouted, self.entropy_sum, self.entropy_count]  # fmt: skip
-        tensors = [self.load, self.importance, self.class_mass, self.expert_correct,
-                   self.expert_seen, *self.latent_mass.values(),
-                   torch.tensor(counts, dtype=torch.float64)]  # fmt: skip
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+        sizes = torch.tensor(
+            [self.assignments, self.inputs, self.entropy_count], dtype=torch.float64
+        )
+        tensors = [*self._sums(), sizes]
+        flat = torch.cat([t.reshape(-1).to(device) for t in tensors])
         dist.all_reduce(flat)
-        flat, offset = flat.cpu(), 0
+        offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
-        totals = tensors[-1].tolist()
-        ints = [round(v) for v in totals[:5]]
-        self.dropped, self.assignments, self.inputs, self.experts_received, self.unrouted = ints
-        self.entropy_sum, self.entropy_count = totals[5], round(totals[6])
+        self.assignments, self.inputs, self.entropy_count = (round(v) for v in sizes.tolist())
+
+    def host(self) -> RoutingStats:
+        """A copy with every sum on the host (one transfer), for compute and plots."""
+        copy = RoutingStats.__new__(RoutingStats)
+        copy.__dict__.update(self.__dict__)
+        copy.load, copy.importance, copy.class_mass = (t.cpu() for t in self._sums()[:3])
+        copy.expert_correct, copy.expert_seen = self.expert_correct.cpu(), self.expert_seen.cpu()
+        copy.latent_mass = {k: v.cpu() for k, v in self.latent_mass.items()}
+        copy.counts = self.counts.cpu()
+        copy.gate_entropies = [t.cpu() for t in self.gate_entropies]
+        return copy
 
     def compute(self) -> dict[str, float]:
         """Scalar metrics plus per-expert ``load_e{i}`` and ``importance_e{i}`` fractions."""
+        if self.load.device.type != "cpu":
+            return self.host().compute()
+        dropped, received, unrouted, entropy_sum = self.counts.tolist()
         out = balance_metrics(self.load, self.importance, self.dead_threshold)
         load_frac = self.load / self.load.sum().clamp_min(1e-12)
         imp_frac = self.importance / self.importance.sum().clamp_min(1e-12)
         for i in range(self.num_experts):
             out[f"load_e{i}"] = float(load_frac[i])
             out[f"importance_e{i}"] = float(imp_frac[i])
-        out["dropped_fraction"] = self.dropped / max(self.assignments, 1)
-        out["experts_per_input"] = self.experts_received / max(self.inputs, 1)
-        out["unrouted_fraction"] = self.unrouted / max(self.inputs, 1)
+        out["dropped_fraction"] = dropped / max(self.assignments, 1)
+        out["experts_per_input"] = received / max(self.inputs, 1)
+        out["unrouted_fraction"] = unrouted / max(self.inputs, 1)
         if self.entropy_count:
-            out["gate_entropy"] = self.entropy_sum / self.entropy_count
+            out["gate_entropy"] = entropy_sum / self.entropy_count
         if self.num_classes:
             out["nmi_label"] = normalized_mutual_information(self.class_mass)
         if self.expert_seen.sum() > 0:  # each expert's own accuracy on the inputs routed to it

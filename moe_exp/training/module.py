@@ -32,6 +32,7 @@ from moe_exp.training.optim import make_schedule, router_parameters
 SPLITS = ("train", "val", "test")
 EXAMPLES_PER_EXPERT = 8
 EPOCH_LINE_VAL_KEYS = ("loss", "acc", "cv_load", "max_mean_load")
+DIVERGENCE_CHECK_EVERY = 20  # training steps between the host reads of the divergence guard
 log = logging.getLogger("moe_exp")
 
 
@@ -60,13 +61,18 @@ class MoEClassifierModule(L.LightningModule):
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
         self.router_lr, self.router_weight_decay = router_lr, router_weight_decay
         self.accuracy = nn.ModuleDict(
-            {f"acc_{s}": MulticlassAccuracy(num_classes, average="micro") for s in SPLITS}
+            {  # no input validation: it reads values on the host at every update
+                f"acc_{s}": MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+                for s in SPLITS
+            }
         )
         self.means = nn.ModuleDict()  # "{split}__{name}" → MeanMetric, created on first use
         self.routing_stats: dict[str, list[RoutingStats]] = {s: [] for s in SPLITS}
         self.history: dict[str, list[dict[str, float]]] = {s: [] for s in (*SPLITS, "gap")}
         self._val_epoch = -1  # the epoch whose validation history["val"][-1] holds
         self.test_tables: list[RoutingStats] = []
+        self._finite: Tensor | None = None  # every training loss since the last check finite
+        self._unchecked = 0
         self.examples: dict[int, list[Tensor]] = {}
         self._epoch_start = self._last_batch_end = 0.0
         self._epoch_samples = 0
@@ -108,14 +114,26 @@ class MoEClassifierModule(L.LightningModule):
         return loss
 
     def check_finite(self, loss: Tensor) -> None:
-        """The divergence guard: a NaN or infinite training loss stops the run at once."""
-        if not torch.isfinite(loss):
-            stage = f" in stage {self.stage!r}" if self.stage else ""
-            raise DivergedError(
-                f"Training diverged{stage}: the loss became {loss.item()} at epoch "
-                f"{self.current_epoch}, step {self.global_step}. Lower the learning rate "
-                "(optim.lr, or the stage's lr) or the regularizer weights and run again."
-            )
+        """The divergence guard: a NaN or infinite training loss stops the run. The test is
+        kept on the device and read every ``DIVERGENCE_CHECK_EVERY`` steps and at the end of
+        each epoch, since reading it waits for the device to finish the step."""
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+        self._unchecked += 1
+        if self._unchecked >= DIVERGENCE_CHECK_EVERY:
+            self.raise_if_diverged(loss)
+
+    def raise_if_diverged(self, loss: Tensor | None = None) -> None:
+        unchecked, self._unchecked = self._unchecked, 0
+        if self._finite is None or bool(self._finite):
+            return
+        stage = f" in stage {self.stage!r}" if self.stage else ""
+        value = "nan or inf" if loss is None else f"{loss.item()}"
+        raise DivergedError(
+            f"Training diverged{stage}: the loss became {value} at epoch {self.current_epoch},"
+            f" within the {unchecked} steps before step {self.global_step}. Lower the learning"
+            " rate (optim.lr, or the stage's lr) or the regularizer weights and run again."
+        )
 
     def record_step(
         self, split: str, log_probs: Tensor, y: Tensor, values: Mapping[str, Tensor]
@@ -130,7 +148,8 @@ class MoEClassifierModule(L.LightningModule):
         for name, value in values.items():
             key = f"{split}__{name}"
             if key not in self.means:
-                self.means[key] = MeanMetric().to(self.device)
+                # no NaN scan (a host read per update); the divergence guard covers the loss
+                self.means[key] = MeanMetric(nan_strategy="disable").to(self.device)
             self.means[key].update(value.detach(), weight=y.shape[0])
 
     def _log_epoch_means(self, split: str) -> dict[str, float]:
@@ -199,9 +218,10 @@ class MoEClassifierModule(L.LightningModule):
         out: dict[str, float] = {}
         for i, tracker in enumerate(stats):
             prefix = f"layer{i}/" if len(stats) > 1 else ""
-            out.update({f"{prefix}{k}": v for k, v in tracker.compute().items()})
+            sums = tracker.host()  # the epoch's one transfer of the routing sums
+            out.update({f"{prefix}{k}": v for k, v in sums.compute().items()})
             # assignments each expert received this epoch (the samples it saw)
-            out.update({f"{prefix}seen_e{e}": float(n) for e, n in enumerate(tracker.load)})
+            out.update({f"{prefix}seen_e{e}": n for e, n in enumerate(sums.load.tolist())})
         return out
 
     def _end_epoch(self, split: str) -> None:
@@ -222,7 +242,7 @@ class MoEClassifierModule(L.LightningModule):
             if split == "val":
                 self._val_epoch = self.current_epoch
         if split == "test":
-            self.test_tables = self.routing_stats[split]
+            self.test_tables = [tracker.host() for tracker in self.routing_stats[split]]
             self.routing_stats[split] = []
         for tracker in self.routing_stats[split]:
             tracker.reset()
@@ -232,6 +252,7 @@ class MoEClassifierModule(L.LightningModule):
         self._epoch_samples = 0
 
     def on_train_epoch_end(self) -> None:
+        self.raise_if_diverged()
         seconds = max(self._last_batch_end - self._epoch_start, 1e-9)  # excludes validation
         self.train_samples_per_s = self._epoch_samples / seconds
         self.log("train/samples_per_s", self.train_samples_per_s, on_epoch=True)
