@@ -52,10 +52,10 @@ def throughput(epochs: int = 1) -> tuple[float, float]:
 
     from moe_exp.app.build import build_components
     from moe_exp.app.compose import compose
-    from moe_exp.app.run import _quiet_lightning
+    from moe_exp.app.run import quiet_lightning
     from moe_exp.training.callbacks import LineProgressBar
 
-    _quiet_lightning()
+    quiet_lightning()
     cfg = compose()
     torch.set_num_threads(cfg.threads)
 
