@@ -53,6 +53,7 @@ def evaluate(run_dir: Path, ckpt: str, split: str, extra: list[str], out: Path) 
 
     from moe_exp.app.build import build_components
     from moe_exp.app.config import validate
+    from moe_exp.app.loggers import close_wandb, log_to_wandb
     from moe_exp.app.record import RunRecord
     from moe_exp.app.run import quiet_lightning
     from moe_exp.measure.plots import run_plots
@@ -75,10 +76,11 @@ def evaluate(run_dir: Path, ckpt: str, split: str, extra: list[str], out: Path) 
         check_fits(checkpoint["state_dict"], module.state_dict(), path)
         module.load_state_dict(checkpoint["state_dict"])
         datamodule.splits["test"] = datamodule.splits[split]  # evaluated as the test split
+        loggers = _wandb_loggers(cfg, run_dir, out)
         trainer = L.Trainer(
             accelerator=cfg.trainer.get("accelerator", "auto"),
             devices=1,
-            logger=False,
+            logger=loggers or False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -104,10 +106,30 @@ def evaluate(run_dir: Path, ckpt: str, split: str, extra: list[str], out: Path) 
             plots=[str(p.relative_to(out)) for p in plots],
             routing_tables=[str(table.relative_to(out))],
         )
+        contingency = [(names["label"], t.class_mass) for t in module.test_tables]
+        log_to_wandb(loggers, record.data, plots, contingency)
     except BaseException as err:
         record.finish("failed", error=f"{type(err).__name__}: {err}")
         raise
+    finally:
+        close_wandb(failed=record.data["status"] != "completed")
     return results
+
+
+def _wandb_loggers(cfg: DictConfig, run_dir: Path, out: Path) -> list[Any]:
+    """A W&B run for the eval when the evaluated config logs to W&B (the run's own logger, or
+    ``logger=wandb`` given to the eval): ``job_type=eval``, in the trained run's group, with
+    the trained run's W&B id in its config, so the two are linked."""
+    from moe_exp.app.config import instantiate
+
+    node = (cfg.get("logger") or {}).get("wandb")
+    if node is None:
+        return []
+    id_file = run_dir / "wandb_id.txt"
+    trained = id_file.read_text().strip() if id_file.is_file() else None
+    link = {"evaluated_run": str(run_dir), "evaluated_wandb_id": trained}
+    group = f"run-{trained}" if trained else None
+    return [instantiate(node, save_dir=str(out), job_type="eval", group=group, run_config=link)]
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")

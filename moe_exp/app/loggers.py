@@ -68,9 +68,11 @@ def wandb_logger(
     group: str | None = None,
     name: str | None = None,
     tags: list[str] | None = None,
+    run_config: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
-    """A WandbLogger writing under ``save_dir/wandb``, offline unless online is safe."""
+    """A WandbLogger writing under ``save_dir/wandb``, offline unless online is safe;
+    ``run_config`` goes into the W&B run's config (an eval's link to its trained run)."""
     from lightning.pytorch.loggers import WandbLogger
 
     resolved = resolve_mode(mode)
@@ -90,6 +92,7 @@ def wandb_logger(
         group=group or hydra_group,
         name=name or hydra_name,
         tags=list(tags or []),
+        **({"config": run_config} if run_config else {}),
         **kwargs,
     )
     run = logger.experiment

@@ -13,7 +13,7 @@ from moe_exp.measure.cost import flops_per_sample
 from moe_exp.measure.similarity import expert_similarity, similarity_summary
 from moe_exp.moe import MoE, TopKGate
 from moe_exp.training.callbacks import CollapseAlarm
-from tests.conftest import QUICK, single_run_dir
+from tests.conftest import QUICK, run_app, single_run_dir
 
 
 class LinearMixture(nn.Module):
@@ -128,6 +128,21 @@ def test_a_run_with_wandb_offline_writes_everything(cli, tmp_path, monkeypatch):
     }
     assert metrics["train/*"].step_metric == "epoch" and metrics["val/*"].step_metric == "epoch"
     assert metrics["val/acc"].summary.max  # the summary keeps the best val/acc
+
+    # the eval command logs a linked W&B run: job_type eval, the trained run's id in its config
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    evaluated = run_app(f"run={run}", "data.n_test=64", cwd=tmp_path, program="moe-exp-eval")
+    assert evaluated.returncode == 0, evaluated.stderr
+    (eval_file,) = run.glob("evals/*/wandb/offline-run-*/run-*.wandb")
+    records = list(wandb_records(eval_file))
+    (eval_meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert eval_meta.job_type == "eval" and eval_meta.run_group == f"run-{run_id}"
+    configs = [eval_meta.config] + [
+        r.config for r in records if r.WhichOneof("record_type") == "config"
+    ]
+    linked = {item.key: item.value_json for c in configs for item in c.update}
+    assert json.loads(linked["evaluated_wandb_id"]) == run_id
+    assert list(eval_file.parent.glob("files/media/table/tables/experts_*.table.json"))
 
 
 def wandb_records(path):
