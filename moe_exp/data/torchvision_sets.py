@@ -118,16 +118,19 @@ class TorchvisionDataModule(InMemoryDataModule):
                     f"network: download on one that has (data.download=true) and copy "
                     f"{self.root / self.folder()} here, or point data.root at a copy."
                 ) from err
-            if not isinstance(err, RuntimeError):  # torchvision: "not found or corrupted"
-                raise
             if missing := self.missing():
                 raise self._not_found(missing) from err
+            # torchvision's own check fails with a RuntimeError ("not found or corrupted");
+            # a truncated or damaged file fails in the reader (pickle, scipy, numpy, torch)
+            checked = isinstance(err, RuntimeError)
+            hint = ", or pass data.check_md5=false to read them anyway" if checked else ""
+            problem = "fail torchvision's check" if checked else "cannot be read"
             raise DataNotFoundError(
                 f"Dataset data={self.option} ({self.tv_name}): the files in "
-                f"{self.root / self.folder()} are present but fail torchvision's check "
-                f"({err}). They are corrupt or not the originals: download them again "
-                f"(data.download=true, on a machine with a network), or pass "
-                f"data.check_md5=false to read them anyway."
+                f"{self.root / self.folder()} are present but {problem} "
+                f"({type(err).__name__}: {err}). They are corrupt, truncated or not the "
+                f"originals: download them again (data.download=true, on a machine with a "
+                f"network){hint}."
             ) from err
 
     def build_splits(self) -> dict[str, Split]:

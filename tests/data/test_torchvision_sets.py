@@ -111,3 +111,16 @@ def test_fake_data_of_any_shape(channels, size, classes):
     again.setup()
     assert torch.equal(again.splits["train"].images, dm.splits["train"].images)
     assert not torch.equal(dm.splits["val"].images, dm.splits["test"].images)
+
+
+@pytest.mark.parametrize("name", ON_DISK)
+def test_a_truncated_file_is_named_not_a_traceback(name, tmp_path):
+    """Files that exist but are cut short: the reader's error becomes one message naming
+    the folder (the checksum is off, so the reader itself meets the damage)."""
+    write(name, tmp_path)
+    biggest = max((p for p in tmp_path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    cfg = compose_config([*QUICK, f"data={name}", f"data.root={tmp_path}", "data.check_md5=false"])
+    with pytest.raises(DataNotFoundError, match="corrupt, truncated or not the originals") as err:
+        build_components(cfg)
+    assert str(biggest.parent) in str(err.value)
