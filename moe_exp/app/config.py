@@ -10,6 +10,7 @@ bad value and what is allowed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -192,7 +193,42 @@ def _run_problems(cfg: DictConfig) -> list[str]:
                 f"objective={name!r} must name a val/ or test/ metric (e.g. val/acc, "
                 "val/cv_load), or a list of them for a multi-objective search"
             )
+        elif not is_run_metric(name):
+            problems.append(
+                f"objective={name!r} is not a metric a run reports: val/ or test/, then "
+                f"(layer<i>/ for token routing) one of {', '.join(run_metric_names())}, or a "
+                "per-expert or per-attribute one (load_e0, importance_e0, acc_e0, nmi_colour,"
+                " aux_<loss>)"
+            )
     return problems
+
+
+def run_metric_names() -> list[str]:
+    """The metric names every MoE run reports per split (the module's and the routing
+    statistics'), read off the statistics themselves so the list cannot drift."""
+    import torch
+
+    from moe_exp.moe.routing import Routing
+    from moe_exp.moe.stats import RoutingStats
+
+    stats = RoutingStats(2, num_classes=2)
+    two = torch.tensor([[0], [1]])
+    stats.update(
+        Routing(torch.zeros(2, 2), torch.full((2, 2), 0.5), torch.ones(2, 1), two), two[:, 0]
+    )
+    computed = stats.compute()
+    fixed = [k for k in computed if not re.search(r"_e\d+$", k)]
+    return sorted({"acc", "loss", "ce", "acc_at_train_capacity", *fixed})
+
+
+def is_run_metric(name: str) -> bool:
+    """Whether ``name`` (val/... or test/...) is a metric a run's summary can hold."""
+    match = re.fullmatch(r"(?:val|test)/(?:layer\d+/)?(.+)", name)
+    if match is None:
+        return False
+    metric = match.group(1)
+    dynamic = r"(load|importance|acc|seen)_e\d+|nmi_\w+|aux_\w+|dropped_fraction_at_train_capacity"
+    return metric in run_metric_names() or re.fullmatch(dynamic, metric) is not None
 
 
 def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:

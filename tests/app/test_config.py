@@ -148,6 +148,7 @@ RULES = [
     (["strategy=em", "model=vmoe"], "strategy=em needs model=mixture"),
     (["strategy=hierarchical", "model.shared_experts=1"], "model.shared_experts=1 is not"),
     (["objective=acc"], "objective='acc' must name a val/ or test/ metric"),
+    (["objective=val/acc_"], "objective='val/acc_' is not a metric a run reports"),
 ]
 
 
