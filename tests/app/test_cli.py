@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICK, run_app, single_run_dir, single_sweep_dir
+from tests.conftest import QUICK, TINY_DATA, run_app, single_run_dir, single_sweep_dir
 
 METRIC_KEYS = (
     "test/acc",
@@ -165,7 +165,7 @@ def test_same_seed_gives_the_same_summary(tmp_path):
     results = []
     for name, launch in (("a", run_cli), ("b", run_app)):
         (tmp_path / name).mkdir()
-        out = launch(*QUICK, "seed=7", cwd=tmp_path / name)
+        out = launch(*QUICK, *TINY_DATA, "seed=7", cwd=tmp_path / name)
         assert out.returncode == 0, out.stderr
         data = json.loads((single_run_dir(tmp_path / name) / "summary.json").read_text())
         results.append({k: v for k, v in data.items() if "/" in k})

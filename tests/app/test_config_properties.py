@@ -90,7 +90,7 @@ def check(overrides: list[str]) -> bool:
     return True
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=30, **SETTINGS)
 @given(configurations())
 def test_every_drawn_configuration_passes_or_is_refused_cleanly(overrides):
     check(overrides)

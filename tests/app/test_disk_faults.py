@@ -4,15 +4,17 @@ complete record where even that cannot be written; a sweep's other jobs go on.""
 
 import errno
 import json
+import os
 
 import matplotlib.figure
+import pytest
 
 from moe_exp.app import record
 from tests.conftest import TINY, single_run_dir
 
 
-def _disk_full(path):
-    return OSError(errno.ENOSPC, "No space left on device", str(path))
+def _disk_full(path, code=errno.ENOSPC):
+    return OSError(code, os.strerror(code), str(path))
 
 
 def test_a_run_or_sweep_folder_that_cannot_be_made_gets_one_message(app):
@@ -22,14 +24,17 @@ def test_a_run_or_sweep_folder_that_cannot_be_made_gets_one_message(app):
         assert "Could not create the" in out.stderr and "paths.output_dir=<folder>" in out.stderr
 
 
-def test_a_full_disk_while_drawing_ends_the_run_with_a_failed_record(app, tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])  # full, or read-only
+def test_a_full_or_read_only_disk_while_drawing_ends_the_run_failed(
+    app, tmp_path, monkeypatch, code
+):
     def savefig(self, path, *args, **kwargs):
-        raise _disk_full(path)
+        raise _disk_full(path, code)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     out = app(*TINY)
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "No space left on device (errno 28)" in out.stderr
+    assert f"{os.strerror(code)} (errno {code})" in out.stderr
     summary = json.loads((single_run_dir(tmp_path) / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"].startswith("WriteError: Could not")
     assert ".png" in summary["error"]
