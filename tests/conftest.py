@@ -20,9 +20,9 @@ QUICK_KEYS = [
     for section, values in OmegaConf.load(Path(config_dir()) / "experiment" / "quick.yaml").items()
     for key, value in values.items()
 ]
-# Smaller still, on one thread: in-process fits of a few batches.
+# Smaller still, on one thread, without the pictures: in-process fits of a few batches.
 TINY_DATA = ["data.n_train=256", "data.n_val=128", "data.n_test=128"]
-TINY = [*QUICK, *TINY_DATA, "threads=1"]
+TINY = [*QUICK, *TINY_DATA, "threads=1", "plots=false"]
 
 
 def compose_config(overrides=()):
@@ -119,7 +119,9 @@ def app(tmp_path):
 def quick_sweep(tmp_path_factory) -> Path:
     """One real 2×2 multirun (gate × seed), shared by the tests that read sweeps."""
     root = tmp_path_factory.mktemp("sweep")
-    out = run_app("-m", *QUICK, *TINY_DATA, "gate=topk,noisy_topk", "seed=0,1", cwd=root)
+    out = run_app(
+        "-m", *QUICK, *TINY_DATA, "plots=false", "gate=topk,noisy_topk", "seed=0,1", cwd=root
+    )
     assert out.returncode == 0, out.stderr
     return single_sweep_dir(root)
 

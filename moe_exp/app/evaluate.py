@@ -90,7 +90,7 @@ def evaluate(run_dir: Path, ckpt: str, split: str, extra: list[str], out: Path) 
             trainer.test(module, datamodule=datamodule, verbose=False)[0]
         )
         names = {"label": datamodule.class_names, **datamodule.latent_values}
-        plots = run_plots(module, names, out / "plots")
+        plots = run_plots(module, names, out / "plots") if cfg.get("plots", True) else []
         rows = routing_rows(
             module.model,
             datamodule.splits[split],

@@ -247,8 +247,11 @@ def eval_accuracy(module: Any, split: Any, batch_size: int = 1024) -> float:
     return correct / max(len(split), 1)
 
 
-def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any], list[Path]]:
-    """FLOPs per input, expert similarity and the routing pictures of the tested model."""
+def _measure(
+    module: Any, datamodule: Any, run_dir: Path, draw: bool = True
+) -> tuple[dict[str, Any], list[Path]]:
+    """FLOPs per input, expert similarity and (``draw``) the routing pictures of the tested
+    model."""
     from moe_exp.measure.capacity import at_training_capacity
     from moe_exp.measure.cost import flops_per_sample
     from moe_exp.measure.plots import run_plots, similarity_heatmap
@@ -268,8 +271,8 @@ def _measure(module: Any, datamodule: Any, run_dir: Path) -> tuple[dict[str, Any
     results.update(similarity_summary(matrices))
     names = {"label": datamodule.class_names, **datamodule.latent_values}
     plots_dir = run_dir / "plots"
-    paths = run_plots(module, names, plots_dir)
-    for i, cka in enumerate(matrices):
+    paths = run_plots(module, names, plots_dir) if draw else []
+    for i, cka in enumerate(matrices if draw else []):
         tag = f"layer{i}_" if len(matrices) > 1 else ""
         paths.append(similarity_heatmap(cka, plots_dir / f"{tag}expert_similarity.png"))
     results["routing_tables"] = [
@@ -366,7 +369,7 @@ def _train_and_test(
     results: dict[str, Any] = {k: float(v) for k, v in {**val, **test}.items()}
     if not trainer.is_global_zero:
         return results  # rank 0 measures, draws and writes the record
-    measured, plots = _measure(module, datamodule, run_dir)
+    measured, plots = _measure(module, datamodule, run_dir, draw=cfg.get("plots", True))
     alarms = [c for c in trainer.callbacks if isinstance(c, CollapseAlarm)]
     results.update(
         measured,

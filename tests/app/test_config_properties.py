@@ -90,13 +90,13 @@ def check(overrides: list[str]) -> bool:
     return True
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=20, **SETTINGS)
 @given(configurations())
 def test_every_drawn_configuration_passes_or_is_refused_cleanly(overrides):
     check(overrides)
 
 
-@settings(max_examples=5, **SETTINGS)
+@settings(max_examples=3, **SETTINGS)
 @given(overrides=configurations())
 def test_drawn_configurations_that_pass_run_a_few_batches(overrides, tmp_path_factory):
     if "logger=wandb" in overrides or not check(overrides):

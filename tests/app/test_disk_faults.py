@@ -32,7 +32,7 @@ def test_a_full_or_read_only_disk_while_drawing_ends_the_run_failed(
         raise _disk_full(path, code)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
-    out = app(*TINY)
+    out = app(*TINY, "plots=true")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"{os.strerror(code)} (errno {code})" in out.stderr
     summary = json.loads((single_run_dir(tmp_path) / "summary.json").read_text())
@@ -66,7 +66,7 @@ def test_a_sweep_job_with_a_full_disk_does_not_stop_the_others(app, tmp_path, mo
         return draw(self, path, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_in_job_0)
-    out = app("-m", *TINY, "seed=0,1")
+    out = app("-m", *TINY, "plots=true", "seed=0,1")
     assert out.returncode == 1  # non-zero, after every job ran
     statuses = {
         p.parent.name: json.loads(p.read_text())["status"]

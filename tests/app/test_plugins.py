@@ -84,7 +84,7 @@ def test_a_user_gate_trains_with_the_builtin_metrics_plots_and_report(tmp_path, 
     extra = _plugin(tmp_path)
     listed = run_cli(*extra, "--help", cwd=tmp_path)
     assert "tempered" in listed.stdout and "sticky_switch" in listed.stdout
-    out = run_cli(*extra, *TINY, "gate=tempered", cwd=tmp_path)
+    out = run_cli(*extra, *TINY, "plots=true", "gate=tempered", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     run = single_run_dir(tmp_path)
     summary = json.loads((run / "summary.json").read_text())

@@ -68,8 +68,9 @@ def test_collapse_alarm_fires_after_patience(tmp_path):
     assert event["epoch"] == 1 and event["event"] == "collapse"
 
 
-def test_a_run_with_wandb_offline_writes_everything(cli, tmp_path, monkeypatch):
-    out = cli(*QUICK, "logger=[csv,wandb]", "tags=[baseline]")
+def test_a_run_with_wandb_offline_writes_everything(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # W&B in this process: no stdout capture
+    out = app(*QUICK, "logger=[csv,wandb]", "tags=[baseline]")
     assert out.returncode == 0, out.stderr
     assert "W&B logging OFFLINE" in out.stdout + out.stderr
     run = single_run_dir(tmp_path)
@@ -130,7 +131,6 @@ def test_a_run_with_wandb_offline_writes_everything(cli, tmp_path, monkeypatch):
     assert metrics["val/acc"].summary.max  # the summary keeps the best val/acc
 
     # the eval command logs a linked W&B run: job_type eval, the trained run's id in its config
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
     evaluated = run_app(f"run={run}", "data.n_test=64", cwd=tmp_path, program="moe-exp-eval")
     assert evaluated.returncode == 0, evaluated.stderr
     (eval_file,) = run.glob("evals/*/wandb/offline-run-*/run-*.wandb")
