@@ -2,13 +2,14 @@
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-from moe_exp.analysis.report import build_report, find_runs, parse_overrides, swept_parameters
-
-REPORT = str(Path(sys.executable).parent / "moe-exp-report")
+from moe_exp.analysis.report import (
+    build_report,
+    find_runs,
+    main,
+    parse_overrides,
+    swept_parameters,
+)
 
 
 def test_overrides_parse_into_parameters():
@@ -19,12 +20,10 @@ def test_overrides_parse_into_parameters():
     }
 
 
-def test_report_on_a_real_2x2_multirun(quick_sweep, tmp_path):
-    out = subprocess.run(
-        [REPORT, str(quick_sweep), "--out", str(tmp_path)], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert "swept: gate" in out.stdout and "noisy_topk" in out.stdout
+def test_report_on_a_real_2x2_multirun(quick_sweep, tmp_path, capsys):
+    main([str(quick_sweep), "--out", str(tmp_path)])  # the console script's main()
+    printed = capsys.readouterr().out
+    assert "swept: gate" in printed and "noisy_topk" in printed
     md = (tmp_path / "report.md").read_text()
     # seeds are aggregated: one row per gate, n = 2, mean ± std
     rows = [

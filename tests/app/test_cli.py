@@ -41,8 +41,8 @@ def test_help_lists_groups_and_options(cli, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-def test_a_tiny_run_writes_a_complete_run_folder(cli, tmp_path):
-    out = cli(*QUICK)
+def test_a_tiny_run_writes_a_complete_run_folder(app, tmp_path):
+    out = app(*QUICK, "plots=false")  # the installed script itself: test_plugins, test_resume
     assert out.returncode == 0, out.stderr
     run = single_run_dir(tmp_path)
     summary = json.loads((run / "summary.json").read_text())

@@ -96,7 +96,7 @@ def test_every_drawn_configuration_passes_or_is_refused_cleanly(overrides):
     check(overrides)
 
 
-@settings(max_examples=3, **SETTINGS)
+@settings(max_examples=2, **SETTINGS)
 @given(overrides=configurations())
 def test_drawn_configurations_that_pass_run_a_few_batches(overrides, tmp_path_factory):
     if "logger=wandb" in overrides or not check(overrides):

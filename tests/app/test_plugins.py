@@ -89,6 +89,8 @@ def test_a_user_gate_trains_with_the_builtin_metrics_plots_and_report(tmp_path, 
     run = single_run_dir(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and 0 <= summary["test/acc"] <= 1
+    assert "epoch 1/1 [####################]" in out.stdout  # the script's own progress lines
+    assert (run / summary["best_checkpoint"]).is_file() and (run / "metrics.csv").is_file()
     for key in ("test/cv_load", "test/cv_importance", "test/dead_experts", "test/nmi_label"):
         assert key in summary, key
     assert (run / "plots" / "expert_class.png").is_file()
