@@ -267,9 +267,27 @@ def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
-    """Instantiate a config node (``_target_``): the project's only call to Hydra's instantiate."""
+    """Instantiate a config node (``_target_``): the project's only call to Hydra's instantiate.
+
+    A constructor that refuses a value (``ValueError``, ``TypeError``, ``ConfigError``) is a
+    bad configuration the checks could not see: it becomes a ConfigError naming the node, so
+    the user reads one message, not Hydra's wrapped traceback.
+    """
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
     if node is None:
         return None
-    return hydra_instantiate(node, _convert_="all", **kwargs)
+    try:
+        return hydra_instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if not isinstance(cause, (ValueError, TypeError, ConfigError)):
+            raise
+        where = re.search(r"full_key: (\S+)", str(err))
+        key = where.group(1) if where else str(node.get("_target_", "a component"))
+        message = str(cause).removeprefix("Invalid configuration: ")
+        raise ConfigError(
+            f"Invalid configuration: {key} could not be built: {message}. Fix these overrides "
+            "and run again."
+        ) from err

@@ -111,6 +111,10 @@ def test_the_users_own_command_works_with_overrides_on_both_sides_of_m(app, tmp_
             ["data=digits", "strategy=hierarchical_attribute"],
             "strategy.attribute='colour' is not a discrete latent of this data; available: none",
         ),
+        (  # refused by the constructor, after the checks: one message, not Hydra's traceback
+            ["model.combine=xyz"],
+            "model could not be built: combine='xyz' is not one of probs, logits",
+        ),
         (
             ["strategy=em", "trainer.gradient_clip_val=1"],
             "trainer.gradient_clip_val=1 cannot apply to strategy=em",

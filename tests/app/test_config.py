@@ -9,8 +9,10 @@ from tests.data.disk_formats import ON_DISK, write
 
 # Each option builds and runs a batch; the presets (experiment=...) pin keys of the options
 # already run here, and are composed and checked in the default suite, built in the slow one.
+# mnist_5k reads its bundled files, as tests/data/test_bundled.py does in the default suite.
+SLOW_BUILDS = {("data", "mnist_5k")}
 OPTIONS = [
-    pytest.param(*o, marks=pytest.mark.slow) if o[0] == "experiment" else o
+    pytest.param(*o, marks=pytest.mark.slow) if o[0] == "experiment" or o in SLOW_BUILDS else o
     for o in config_options()
     if o[0] not in ("trainer", "logger", "debug", "paths")
 ]
