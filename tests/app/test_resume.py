@@ -298,6 +298,7 @@ def test_a_run_killed_by_sigterm_resumes_to_exactly_the_uninterrupted_metrics(tm
     assert len(runs) == 2  # the first attempt and the resumed one: the same W&B run
 
 
+@pytest.mark.slow  # a real process killed mid-run; the record's accounting is tested below
 def test_a_run_killed_after_an_epoch_keeps_that_epochs_rows_and_history(tmp_path):
     """SIGKILL leaves only the checkpoint of the last epoch's end (no interrupt handler
     runs); the resumed run starts at the next epoch and keeps the earlier epoch's
@@ -340,3 +341,21 @@ def test_sigint_stops_at_a_batch_boundary_and_leaves_a_checkpoint(tmp_path):
     assert f"moe-exp resume={folder}" in summary["error"]
     checkpoint = load_checkpoint(folder / "checkpoints" / "last.ckpt")
     assert checkpoint["epoch"] == 1 and "ExactResume" in checkpoint["callbacks"]
+
+
+def test_a_record_killed_outright_keeps_its_time_and_a_resume_adds_to_it(tmp_path, monkeypatch):
+    """What a SIGKILL leaves is the record's last write: it holds the wall time so far, and
+    a resumed record starts from it and says so."""
+    from moe_exp.app import record as record_module
+    from moe_exp.app.record import RunRecord
+
+    clock = iter([100.0, 100.0, 160.0, 500.0, 500.0, 530.0]).__next__  # each write reads it
+    monkeypatch.setattr(record_module.time, "perf_counter", clock)
+    first = RunRecord(tmp_path, ["seed=1"])  # starts at 100
+    first.update(epochs=1)  # an epoch end at 160, then the process is killed
+    killed = json.loads((tmp_path / "summary.json").read_text())
+    assert killed["status"] == "running" and killed["wall_time_s"] == 60.0
+    resumed = RunRecord(tmp_path, ["seed=1"], resume=True)  # starts at 500
+    resumed.finish("completed")  # at 530
+    done = json.loads((tmp_path / "summary.json").read_text())
+    assert done["resumes"] == 1 and done["wall_time_s"] == 90.0  # 60 s + 30 s

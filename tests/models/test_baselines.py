@@ -63,6 +63,7 @@ def test_dense_baseline_needs_a_scalable_expert():
         _model(["model=dense_flops", "expert=linear"])
 
 
+@pytest.mark.slow  # the baselines are built and matched in-process above
 def test_dense_baselines_train_from_the_cli(app, tmp_path):
     out = app("-m", *TINY, "trainer.max_epochs=2", "model=dense_flops,dense_params")
     assert out.returncode == 0, out.stderr[-2000:]
