@@ -186,7 +186,8 @@ def _run_problems(cfg: DictConfig) -> list[str]:
                 " val/... or train/... (e.g. val/acc, val/loss, val/cv_load)"
             )
     objective = cfg.get("objective")
-    names = [objective] if isinstance(objective, str) else list(objective or [])
+    names = list(objective) if isinstance(objective, ListConfig) else [objective]
+    names = [n for n in names if n is not None]  # null: the default, val/acc
     for name in names:
         if not (isinstance(name, str) and name.startswith(OBJECTIVE_SPLITS)):
             problems.append(

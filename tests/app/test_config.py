@@ -157,6 +157,7 @@ RULES = [
     (["strategy=hierarchical", "model.shared_experts=1"], "model.shared_experts=1 is not"),
     (["objective=acc"], "objective='acc' must name a val/ or test/ metric"),
     (["objective=val/acc_"], "objective='val/acc_' is not a metric a run reports"),
+    (["objective=1"], "objective=1 must name a val/ or test/ metric"),  # found by a search
 ]
 
 
