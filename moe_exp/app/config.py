@@ -10,6 +10,7 @@ bad value and what is allowed.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -204,11 +205,13 @@ def _run_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def run_metric_names() -> list[str]:
+@functools.cache
+def run_metric_names() -> tuple[str, ...]:
     """The metric names every MoE run reports per split (the module's and the routing
     statistics'), read off the statistics themselves so the list cannot drift."""
     import torch
 
+    from moe_exp.measure.capacity import NAMES as CAPACITY_NAMES
     from moe_exp.moe.routing import Routing
     from moe_exp.moe.stats import RoutingStats
 
@@ -219,7 +222,7 @@ def run_metric_names() -> list[str]:
     )
     computed = stats.compute()
     fixed = [k for k in computed if not re.search(r"_e\d+$", k)]
-    return sorted({"acc", "loss", "ce", "acc_at_train_capacity", *fixed})
+    return tuple(sorted({"acc", "loss", "ce", *CAPACITY_NAMES, *fixed}))
 
 
 def is_run_metric(name: str) -> bool:
@@ -228,7 +231,7 @@ def is_run_metric(name: str) -> bool:
     if match is None:
         return False
     metric = match.group(1)
-    dynamic = r"(load|importance|acc|seen)_e\d+|nmi_\w+|aux_\w+|dropped_fraction_at_train_capacity"
+    dynamic = r"(load|importance|acc|seen)_e\d+|nmi_\w+|aux_\w+"
     return metric in run_metric_names() or re.fullmatch(dynamic, metric) is not None
 
 

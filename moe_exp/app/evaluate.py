@@ -106,8 +106,7 @@ def evaluate(run_dir: Path, ckpt: str, split: str, extra: list[str], out: Path) 
             plots=[str(p.relative_to(out)) for p in plots],
             routing_tables=[str(table.relative_to(out))],
         )
-        contingency = [(names["label"], t.class_mass) for t in module.test_tables]
-        log_to_wandb(loggers, record.data, plots, contingency)
+        log_to_wandb(loggers, record.data, plots, names["label"], module.test_tables)
     except BaseException as err:
         record.finish("failed", error=f"{type(err).__name__}: {err}")
         raise

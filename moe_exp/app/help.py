@@ -1,10 +1,11 @@
 """``moe-exp --help`` answered from the search path's folders, with one composition.
 
 Hydra's help reloads its whole config repository once for every group, its own ``hydra/``
-groups included, which takes seconds. The same text comes from listing the option files
-of each folder on the search path (the packaged tree, ``--config-dir``, ``hydra.searchpath``)
-and composing the config once. Anything this cannot answer the same way (``--config-name``,
-a help template with Hydra's flag list, a composition error) is left to Hydra itself.
+groups included, so its cost grows with the tree. The same text comes from listing the files
+of each folder on the search path (the packaged tree, ``--config-dir``,
+``hydra.searchpath``) and composing the config once. Anything this cannot answer the same
+way (``--config-name``, a help template with Hydra's flag list, a composition error) is left
+to Hydra itself.
 """
 
 from __future__ import annotations

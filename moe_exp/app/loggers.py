@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,8 @@ def wandb_logger(
     )
     run = logger.experiment
     run.define_metric("epoch")
-    for split in ("train", "val", "gap", "lr-*"):
-        run.define_metric(f"{split}/*" if split != "lr-*" else split, step_metric="epoch")
+    for charted in ("train/*", "val/*", "gap/*", "lr-*"):
+        run.define_metric(charted, step_metric="epoch")
     run.define_metric("val/acc", step_metric="epoch", summary="max")
     return logger
 
@@ -124,12 +125,15 @@ def log_to_wandb(
     loggers: list[Any],
     summary: dict[str, Any],
     images: list[Path],
-    contingency: list[tuple[list[str], Any]] | None = None,
+    class_names: Sequence[str] = (),
+    test_tables: Sequence[Any] = (),
 ) -> None:
     """Summary metrics, per-expert tables and pictures to every W&B logger of a finished run;
-    ``contingency`` is (class names, expert × class routing mass) per MoE layer."""
+    ``test_tables`` are the test split's routing statistics per MoE layer, whose expert ×
+    class mass becomes one table each."""
     from lightning.pytorch.loggers import WandbLogger
 
+    layers = [t.class_mass for t in test_tables if t.class_mass.numel()]
     for lg in (lg for lg in loggers if isinstance(lg, WandbLogger)):
         # the best val/acc stays the summary's (define_metric summary="max")
         numbers = {
@@ -138,9 +142,9 @@ def log_to_wandb(
         lg.experiment.summary.update(numbers)
         columns, rows = expert_table(summary)
         lg.log_table("tables/experts", columns=columns, data=rows)
-        for i, (names, mass) in enumerate(contingency or []):
-            tag = f"_layer{i}" if len(contingency or []) > 1 else ""
-            cells = [[e, names[c], float(mass[e, c])] for e in range(mass.shape[0])
+        for i, mass in enumerate(layers):
+            tag = f"_layer{i}" if len(layers) > 1 else ""
+            cells = [[e, class_names[c], float(mass[e, c])] for e in range(mass.shape[0])
                      for c in range(mass.shape[1])]  # fmt: skip
             lg.log_table(
                 f"tables/expert_class{tag}", columns=["expert", "class", "mass"], data=cells

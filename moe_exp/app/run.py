@@ -232,19 +232,9 @@ def eval_accuracy(module: Any, split: Any, batch_size: int = 1024) -> float:
     """Accuracy over a whole split in eval mode (no dropout, no noise, no augmentation): the
     training accuracy a generalisation gap should use; the epoch's running train/acc is
     taken with dropout on and while the weights move."""
-    import torch
+    from moe_exp.measure.passes import accuracy
 
-    was_training = module.model.training
-    module.model.eval()
-    with torch.no_grad():
-        correct = sum(
-            int((module.model(x.to(module.device))[0].argmax(-1).cpu() == y).sum())
-            for x, y in zip(
-                split.images.split(batch_size), split.labels.split(batch_size), strict=True
-            )
-        )
-    module.model.train(was_training)
-    return correct / max(len(split), 1)
+    return accuracy(module.model, split.images, split.labels, batch_size)
 
 
 def _measure(
@@ -328,6 +318,7 @@ def _train_and_test(
     from moe_exp.app.loggers import log_to_wandb
     from moe_exp.training.callbacks import CollapseAlarm, EveryEpoch
     from moe_exp.training.checkpoints import check_fits, load_checkpoint
+    from moe_exp.training.csv_logger import tag_rows
 
     quiet_lightning()
     torch.set_num_threads(cfg.threads)
@@ -351,9 +342,8 @@ def _train_and_test(
     trainer.callbacks.append(
         EveryEpoch(lambda trainer: record.update(epochs=trainer.current_epoch + 1))
     )
-    for logger in trainer.loggers:  # each metrics row says whether it is training or the final
-        if isinstance(getattr(logger, "row_tags", None), dict):  # evaluation (fit, validate, test)
-            logger.row_tags["phase"] = lambda: getattr(trainer.state.fn, "value", "")
+    # each metrics row says whether it is training or the final evaluation (fit, validate, test)
+    tag_rows(trainer.loggers, "phase", lambda: getattr(trainer.state.fn, "value", ""))
     _fit(cfg, trainer, module, datamodule, last)
     if trainer.fast_dev_run:  # a few batches of each split: nothing to measure or claim
         trainer.test(module, datamodule=datamodule, verbose=False)
@@ -382,10 +372,5 @@ def _train_and_test(
     )
     results["gap/acc_eval"] = results["train/acc_eval"] - results["val/acc"]
     record.finish("completed", **results)
-    contingency = [
-        (datamodule.class_names, stats.class_mass)
-        for stats in module.test_tables
-        if stats.class_mass.numel()
-    ]
-    log_to_wandb(trainer.loggers, record.data, plots, contingency)
+    log_to_wandb(trainer.loggers, record.data, plots, datamodule.class_names, module.test_tables)
     return results

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from moe_exp.data.in_memory import InMemoryDataModule, Split
 from moe_exp.data.splits import stratified_take
-from moe_exp.errors import DataNotFoundError, check_ranges
+from moe_exp.errors import ConfigError, DataNotFoundError, check_ranges
 
 SPLITS = ("train", "val", "test")
 MODES = {1: "L", 3: "RGB"}
@@ -45,7 +45,7 @@ class ImageFolderDataModule(InMemoryDataModule):
         super().__init__(**common)
         check_ranges("data", {"image_size": image_size, "test_fraction": test_fraction})
         if channels not in MODES:
-            raise DataNotFoundError(f"data.channels={channels} must be 1 (grey) or 3 (RGB)")
+            raise ConfigError(f"data.channels={channels} must be 1 (grey) or 3 (RGB)")
         self.root = Path(root).expanduser()
         self.image_size, self.channels = image_size, channels
         self.test_fraction, self.split_seed = test_fraction, split_seed

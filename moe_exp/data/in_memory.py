@@ -80,6 +80,12 @@ class InMemoryDataModule:
     latent_names: tuple[str, ...] = ()
     discrete_latents: tuple[str, ...] = ()
 
+    @classmethod
+    def discrete_latents_for(cls, label_noise: float | None) -> tuple[str, ...]:
+        """The discrete latents a datamodule of this class has (label noise keeps the true
+        label as one more), known before any data is built."""
+        return (*cls.discrete_latents, *(("clean_label",) if (label_noise or 0) > 0 else ()))
+
     def __init__(
         self,
         batch_size: int = 128,
@@ -204,7 +210,7 @@ class InMemoryDataModule:
             latents = torch.cat([s.latents, s.labels.float().unsqueeze(1)], dim=1)
             out[name] = Split(s.images, labels, latents)
         self.latent_names = (*self.latent_names, "clean_label")
-        self.discrete_latents = (*self.discrete_latents, "clean_label")
+        self.discrete_latents = self.discrete_latents_for(self.label_noise)
         return out
 
     def _normalize(self, splits: dict[str, Split]) -> dict[str, Split]:

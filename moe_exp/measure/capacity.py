@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 from torch import Tensor, nn
 
+from moe_exp.measure.passes import eval_batches
 from moe_exp.moe.gates.router import Router
+
+# what a run trained under a capacity limit adds to its test metrics
+NAMES = ("acc_at_train_capacity", "dropped_fraction_at_train_capacity")
 
 
 def limited_routers(model: nn.Module) -> list[Router]:
@@ -42,7 +45,6 @@ def training_capacity(model: nn.Module) -> Iterator[None]:
             r.eval_capacity_factor = factor
 
 
-@torch.no_grad()
 def at_training_capacity(
     model: nn.Module, images: Tensor, labels: Tensor, batch_size: int, prefix: str = "test"
 ) -> dict[str, float]:
@@ -50,18 +52,14 @@ def at_training_capacity(
     no limit of its own."""
     if not limited_routers(model):
         return {}
-    was_training = model.training
-    device = next(model.parameters()).device
     correct, dropped, assignments = 0, 0, 0
-    model.eval()
     with training_capacity(model):
-        for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
-            log_probs, routings = model(x.to(device))
+        for start, log_probs, routings in eval_batches(model, images, batch_size):
+            y = labels[start : start + len(log_probs)]
             correct += int((log_probs.argmax(-1).cpu() == y).sum())
             dropped += sum(int(r.dropped) for r in routings)
             assignments += sum(r.indices.numel() for r in routings)
-    model.train(was_training)
     return {
-        f"{prefix}/acc_at_train_capacity": correct / max(len(labels), 1),
-        f"{prefix}/dropped_fraction_at_train_capacity": dropped / max(assignments, 1),
+        f"{prefix}/{NAMES[0]}": correct / max(len(labels), 1),
+        f"{prefix}/{NAMES[1]}": dropped / max(assignments, 1),
     }

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moe_exp.measure.passes import eval_batches
+
 FULL_PROBS_UP_TO = 16
 TOP_PROBS = 8
 
@@ -67,7 +69,6 @@ def _token_rows(routing: Any, images: int, layer: int) -> list[dict[str, Any]]:
     ]
 
 
-@torch.no_grad()
 def routing_rows(
     model: nn.Module,
     split: Any,
@@ -75,15 +76,10 @@ def routing_rows(
     latent_names: Sequence[str],
     latent_values: Mapping[str, Sequence[str]],
 ) -> list[dict[str, Any]]:
-    """The table of ``split`` under ``model`` (put in eval mode, then restored)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    """The table of ``split`` under ``model`` (in eval mode, then restored)."""
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(split), batch_size):
-        x = split.images[start : start + batch_size].to(device)
-        log_probs, routings = model(x)
-        n = x.shape[0]
+    for start, log_probs, routings in eval_batches(model, split.images, batch_size):
+        n = log_probs.shape[0]
         batch = [
             {"index": start + i, "label": int(split.labels[start + i]), "prediction": p}
             for i, p in enumerate(log_probs.argmax(-1).tolist())
@@ -99,7 +95,6 @@ def routing_rows(
             for row, more in zip(batch, extra, strict=True):
                 row.update(more)
         rows += batch
-    model.train(was_training)
     return rows
 
 

@@ -37,13 +37,12 @@ class HierarchicalStrategy(StagedStrategy):
 
     @classmethod
     def config_problems(cls, args: Mapping[str, Any], run: Composition) -> list[str]:
-        """The staged rules, and an attribute the data declares (``discrete_latents``; label
-        noise adds ``clean_label``), checked before the data is built."""
+        """The staged rules, and an attribute the data class declares
+        (``discrete_latents_for``), checked before the data is built."""
         problems = super().config_problems(args, run)
-        data = run.targets.get("data")
-        if args.get("partition") == "attribute" and hasattr(data, "discrete_latents"):
-            noisy = (run.args.get("data", {}).get("label_noise") or 0) > 0
-            available = [*data.discrete_latents, *(["clean_label"] if noisy else [])]
+        declared = getattr(run.targets.get("data"), "discrete_latents_for", None)
+        if args.get("partition") == "attribute" and callable(declared):
+            available = declared(run.args.get("data", {}).get("label_noise"))
             problems += attribute_problems(args.get("attribute"), available)
         return problems
 

@@ -172,11 +172,10 @@ class StagedStrategy:
         module.automatic_optimization = False
         trainer.fit_loop.max_epochs = sum(s.epochs for s in self.stages)
         from moe_exp.training.adapters import StrategyHooks
+        from moe_exp.training.csv_logger import tag_rows
 
         trainer.callbacks.append(StrategyHooks(self))
-        for logger in trainer.loggers:  # the stage's name on every metrics row
-            if isinstance(getattr(logger, "row_tags", None), dict):
-                logger.row_tags["stage"] = lambda: self.current_name
+        tag_rows(trainer.loggers, "stage", lambda: self.current_name)  # on every metrics row
 
     def fit(
         self,
