@@ -22,7 +22,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from moe_exp.errors import ConfigError, DivergedError
@@ -34,6 +34,27 @@ EXAMPLES_PER_EXPERT = 8
 EPOCH_LINE_VAL_KEYS = ("loss", "acc", "cv_load", "max_mean_load")
 DIVERGENCE_CHECK_EVERY = 20  # training steps between the host reads of the divergence guard
 log = logging.getLogger("moe_exp")
+
+
+class WeightedMean(Metric):
+    """The mean of per-batch values weighted by batch size, as two sums on the device
+    (summed across processes by torchmetrics). torchmetrics' MeanMetric scans each update for
+    NaN, a host read per step, and with that scan disabled it drops the weights; the
+    divergence guard watches the loss for NaN instead."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: int) -> None:
+        self.total += value.detach().double().sum() * weight
+        self.weight += weight
+
+    def compute(self) -> Tensor:
+        return self.total / self.weight
 
 
 class MoEClassifierModule(L.LightningModule):
@@ -66,7 +87,7 @@ class MoEClassifierModule(L.LightningModule):
                 for s in SPLITS
             }
         )
-        self.means = nn.ModuleDict()  # "{split}__{name}" → MeanMetric, created on first use
+        self.means = nn.ModuleDict()  # "{split}__{name}" → WeightedMean, created on first use
         self.routing_stats: dict[str, list[RoutingStats]] = {s: [] for s in SPLITS}
         self.history: dict[str, list[dict[str, float]]] = {s: [] for s in (*SPLITS, "gap")}
         self._val_epoch = -1  # the epoch whose validation history["val"][-1] holds
@@ -148,8 +169,7 @@ class MoEClassifierModule(L.LightningModule):
         for name, value in values.items():
             key = f"{split}__{name}"
             if key not in self.means:
-                # no NaN scan (a host read per update); the divergence guard covers the loss
-                self.means[key] = MeanMetric(nan_strategy="disable").to(self.device)
+                self.means[key] = WeightedMean().to(self.device)
             self.means[key].update(value.detach(), weight=y.shape[0])
 
     def _log_epoch_means(self, split: str) -> dict[str, float]:

@@ -56,3 +56,14 @@ def test_the_divergence_guard_reads_the_device_every_few_steps(monkeypatch):
     assert calls["n"] == 0
     with pytest.raises(DivergedError, match="the loss became nan at epoch 0, within the 20"):
         module.check_finite(torch.tensor(float("nan")))
+
+
+def test_epoch_means_weigh_each_batch_by_its_size():
+    """A last, smaller batch counts for its size (torchmetrics' MeanMetric without its NaN
+    scan would drop the weights)."""
+    from moe_exp.training.module import WeightedMean
+
+    mean = WeightedMean()
+    mean.update(torch.tensor(1.0), 1000)
+    mean.update(torch.tensor(3.0), 10)
+    assert abs(float(mean.compute()) - 1030 / 1010) < 1e-12
