@@ -54,6 +54,7 @@ def throughput(epochs: int = 1) -> tuple[float, float]:
     from moe_exp.app.compose import compose
     from moe_exp.app.run import quiet_lightning
     from moe_exp.training.callbacks import LineProgressBar
+    from moe_exp.training.optim import adamw
 
     quiet_lightning()
     cfg = compose()
@@ -78,8 +79,14 @@ def throughput(epochs: int = 1) -> tuple[float, float]:
     L.seed_everything(0, verbose=False)
     datamodule, module = build_components(cfg)
     model = module.model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    optimizer = adamw(
+        [
+            {
+                "params": list(model.parameters()),
+                "lr": cfg.optim.lr,
+                "weight_decay": cfg.optim.weight_decay,
+            }
+        ]
     )
     loader = datamodule.train_dataloader()
     schedule = torch.optim.lr_scheduler.OneCycleLR(

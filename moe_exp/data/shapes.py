@@ -16,8 +16,10 @@ drawn first, images rendered in chunks); the output depends only on the seed and
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -290,7 +292,28 @@ class ShapesDataModule(InMemoryDataModule):
 
     def build_splits(self) -> dict[str, Split]:
         splits = {}
+        options = tuple(self.options.items())
         for i, (name, n) in enumerate(self.caps.items()):
-            sample = generate_shapes(n, seed=self.seed * 1009 + i, **self.options)
+            sample = _generated(n, self.seed * 1009 + i, options)
             splits[name] = Split(sample.images, self.label(sample), sample.latents())
         return splits
+
+
+# rendered samples a process keeps, oldest dropped first beyond this many bytes of images
+_KEEP_BYTES = 1 << 30
+_kept: OrderedDict[tuple[Any, ...], ShapesSample] = OrderedDict()
+
+
+def _generated(n: int, seed: int, options: tuple[tuple[str, Any], ...]) -> ShapesSample:
+    """generate_shapes, remembered: the jobs of a sweep in one process (Hydra's own launcher,
+    or one joblib worker) mostly share their data seeds, so each draw is rendered once. The
+    sample is shared: setup copies the images (``_as_float``) before it changes them."""
+    key = (n, seed, options)
+    if key in _kept:
+        _kept.move_to_end(key)
+        return _kept[key]
+    sample = generate_shapes(n, seed=seed, **dict(options))
+    _kept[key] = sample
+    while sum(s.images.nbytes for s in _kept.values()) > _KEEP_BYTES and len(_kept) > 1:
+        _kept.popitem(last=False)
+    return sample

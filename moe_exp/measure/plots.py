@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -18,10 +19,10 @@ import torch
 from torch import Tensor
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, **savefig: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, **savefig)
     plt.close(fig)
     return path
 
@@ -95,28 +96,34 @@ def gate_entropy_histogram(entropies: Tensor, path: Path) -> Path:
 
 
 def examples_grid(examples: Mapping[int, Sequence[Tensor]], path: Path) -> Path:
-    """Rows = experts, columns = test images whose largest combine weight is that expert."""
+    """Rows = experts, columns = test images whose largest combine weight is that expert.
+
+    The images are tiled into one mosaic drawn on one axes: a grid of axes per image costs
+    matplotlib a layout pass per cell, and 16 experts make over a hundred cells."""
     experts = sorted(examples)
     cols = max((len(v) for v in examples.values()), default=1) or 1
-    fig, axes = plt.subplots(
-        len(experts), cols, figsize=(1.1 * cols + 1, 1.1 * len(experts) + 0.5), squeeze=False
-    )
+    first = next((img for v in examples.values() for img in v), torch.zeros(1, 8, 8))
+    _, h, w = first.shape
+    pad = 2
+    mosaic = torch.ones(3, len(experts) * (h + pad), cols * (w + pad))  # white between cells
     for row, e in enumerate(experts):
-        for col in range(cols):
-            ax = axes[row][col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col < len(examples[e]):
-                img = examples[e][col]
-                img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-6)
-                if img.shape[0] == 1:
-                    ax.imshow(img[0].numpy(), cmap="gray")
-                else:
-                    ax.imshow(img.permute(1, 2, 0).numpy())
-            if col == 0:
-                ax.set_ylabel(f"expert {e}", rotation=0, ha="right", va="center")
-    fig.suptitle("test images routed to each expert (largest weight)")
-    return _save(fig, path)
+        for col, img in enumerate(examples[e]):
+            img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-6)
+            top, left = row * (h + pad), col * (w + pad)
+            mosaic[:, top : top + h, left : left + w] = img.expand(3, h, w)
+    fig, ax = plt.subplots(figsize=(1.1 * cols + 1, 1.1 * len(experts) + 0.5))
+    ax.imshow(mosaic.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks(
+        [row * (h + pad) + h / 2 for row in range(len(experts))],
+        labels=[f"expert {e}" for e in experts],
+    )
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title("test images routed to each expert (largest weight)")
+    # a fixed aspect ratio can push the row labels past the edge: crop to what was drawn
+    return _save(fig, path, bbox_inches="tight")
 
 
 def metric_vs_parameter(

@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from moe_exp.errors import ConfigError, DivergedError
 from moe_exp.moe import Routing, RoutingStats
-from moe_exp.training.optim import make_schedule, router_parameters
+from moe_exp.training.optim import adamw, make_schedule, router_parameters
 
 SPLITS = ("train", "val", "test")
 EXAMPLES_PER_EXPERT = 8
@@ -384,7 +384,7 @@ class MoEClassifierModule(L.LightningModule):
         groups = self.param_groups(list(self.parameters()), self.lr, router_lr=self.router_lr)
         if not groups:
             raise ConfigError("nothing to train: every parameter is frozen")
-        optimizer = torch.optim.AdamW(groups)
+        optimizer = adamw(groups)
         schedule = make_schedule(self.scheduler, optimizer, self.trainer.estimated_stepping_batches)
         if schedule is None:
             return optimizer

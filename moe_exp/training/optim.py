@@ -24,6 +24,15 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def adamw(groups: list[dict[str, Any]]) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) over ``groups``, fused into one kernel per step where
+    every parameter's device supports it: on the CPU torch otherwise updates one tensor at a
+    time, and a mixture has many small ones (a weight and a bias per expert and layer)."""
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, fused=fused or None)
+
+
 def make_schedule(kind: str, optimizer: torch.optim.Optimizer, steps: int) -> Any:
     """The per-step learning-rate schedule (None for ``none``); one-cycle peaks at each
     group's own lr (Smith & Topin 2017, "Super-convergence")."""

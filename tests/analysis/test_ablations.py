@@ -156,13 +156,26 @@ def test_overfitting_verdict_reads_the_small_set_and_ignores_the_dense_runs(tmp_
 
 def test_the_overfitting_preset_adds_its_dense_baseline_sweep(tmp_path):
     main, dense = sweeps("ablation_overfitting", tmp_path, ["seed=3"])
-    assert main == ["experiment=ablation_overfitting", f"hydra.sweep.dir={tmp_path}", "seed=3"]
+    assert main == [
+        "experiment=ablation_overfitting",
+        f"hydra.sweep.dir={tmp_path}",
+        "plots=false",  # the verdicts read summaries only
+        "seed=3",
+    ]
     assert dense[1:] == [
         f"hydra.sweep.dir={tmp_path / 'also0'}",
         "model=dense_flops,dense_params",
         "experts=4",
+        "plots=false",
         "seed=3",
     ]
+
+
+def test_sweeps_run_side_by_side_and_keep_the_pictures_a_preset_asks_for(tmp_path):
+    (main,) = sweeps("shape_colour_specialisation", tmp_path, ["plots=false"], jobs=2)
+    assert main[2:] == ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "plots=false"]
+    (main,) = sweeps("shape_colour_specialisation", tmp_path, jobs=2)
+    assert "plots=false" not in main
 
 
 def test_spearman_rank_correlation():

@@ -142,3 +142,28 @@ def test_other_image_sizes():
 def test_bad_options_name_the_key(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         ShapesDataModule(**kwargs)
+
+
+def test_a_second_datamodule_with_the_same_seed_reuses_the_rendered_images(monkeypatch):
+    import moe_exp.data.shapes as shapes
+
+    calls = []
+    real = shapes.generate_shapes
+
+    def counted(n, *args, **kwargs):
+        calls.extend([n] if n else [])  # the constructor's option check draws 0 images
+        return real(n, *args, **kwargs)
+
+    monkeypatch.setattr(shapes, "generate_shapes", counted)
+    monkeypatch.setattr(shapes, "_kept", type(shapes._kept)())
+    options = dict(n_train=64, n_val=32, n_test=32, image_size=16, seed=5, label_noise=0.25)
+    first = ShapesDataModule(**options)
+    first.setup()  # normalises and flips labels: neither may reach the remembered sample
+    second = ShapesDataModule(**options)
+    second.setup()
+    assert len(calls) == 3  # train, val, test rendered once
+    for name in ("train", "val", "test"):
+        assert torch.equal(first.splits[name].images, second.splits[name].images)
+        assert torch.equal(first.splits[name].labels, second.splits[name].labels)
+    ShapesDataModule(**{**options, "seed": 6}).setup()
+    assert len(calls) == 6  # another seed is another draw

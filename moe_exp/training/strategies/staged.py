@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,7 +26,7 @@ from moe_exp.errors import ConfigError
 from moe_exp.moe import Routing
 from moe_exp.moe.layer import sort_by_expert
 from moe_exp.moe.rules import Composition
-from moe_exp.training.optim import make_schedule, router_parameters
+from moe_exp.training.optim import adamw, make_schedule, router_parameters
 
 log = logging.getLogger("moe_exp")
 STAGE_KINDS = ("experts", "gate", "all")
@@ -211,9 +210,7 @@ class StagedStrategy:
                     f"stage {first.name!r} trains {first.train}, but all of it is frozen "
                     "(surgery.train); train it there or drop the stage"
                 )
-            opt = torch.optim.AdamW(
-                module.param_groups(params, first.lr, first.weight_decay, router_lr)
-            )
+            opt = adamw(module.param_groups(params, first.lr, first.weight_decay, router_lr))
             optimizers.append(opt)
             steps = round(per_epoch * sum(s.epochs for s in members)) * self.steps_per_batch
             sched = make_schedule(module.scheduler, opt, steps)
