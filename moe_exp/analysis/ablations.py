@@ -4,7 +4,9 @@ writes whether each published finding **holds** or **does not hold**, with the n
 
 A check never tunes anything: it reads the means over seeds of the completed runs and
 compares them with the paper's expectation (or the preset's own bar). A claim whose runs are
-missing (failed, diverged, not run) is reported as *not checked*, never as holding.
+missing (failed, diverged, not run) is reported as *not checked*, never as holding; the report
+reruns each check on seed redraws (:func:`moe_exp.analysis.verdicts.assess`) and calls a claim
+that seed noise could flip *inconclusive*.
 """
 
 from __future__ import annotations
@@ -12,68 +14,10 @@ from __future__ import annotations
 import inspect
 import math
 import statistics
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
-
-class GroupLike(Protocol):
-    params: dict[str, str]
-
-    def stats(self, metric: str) -> tuple[float, float, int]: ...
-
-
-@dataclass(frozen=True)
-class Verdict:
-    claim: str
-    holds: bool | None  # None: the runs it needs are missing
-    evidence: str
-
-    @property
-    def label(self) -> str:
-        return {True: "holds", False: "does not hold", None: "not checked"}[self.holds]
-
-
-class Results:
-    """Means over seeds, looked up by the swept parameters (values as in the overrides)."""
-
-    def __init__(self, groups: Sequence[GroupLike]) -> None:
-        self.groups = list(groups)
-
-    def values(self, key: str) -> list[str]:
-        return sorted({g.params[key] for g in self.groups if key in g.params}, key=value_order)
-
-    def mean(self, metric: str, **where: str) -> float:
-        """Mean of ``metric`` over the completed runs of every group matching ``where``.
-
-        Keys with dots (``data.n_train``) are passed with ``__`` (``data__n_train``); a key
-        the sweep did not vary counts as ``"default"``, as in the report's table."""
-        wanted = {k.replace("__", "."): str(v) for k, v in where.items()}
-        stats = [
-            g.stats(metric)
-            for g in self.groups
-            if all(g.params.get(k, "default") == v for k, v in wanted.items())
-        ]
-        total = sum(n for _, _, n in stats)
-        if total == 0:
-            return math.nan
-        return sum(m * n for m, _, n in stats if n) / total
-
-
-def value_order(value: str) -> tuple[int, float | str]:
-    """Sort key for parameter values: numbers ascending, then anything else by name."""
-    try:
-        return (0, float(value))
-    except ValueError:
-        return (1, value)
-
-
-def _verdict(
-    claim: str, values: Iterable[float], test: Callable[[], bool], evidence: str
-) -> Verdict:
-    if any(math.isnan(v) for v in values):
-        return Verdict(claim, None, evidence + " (some runs are missing)")
-    return Verdict(claim, bool(test()), evidence)
+from moe_exp.analysis.verdicts import Results, Verdict
+from moe_exp.analysis.verdicts import verdict as _verdict
 
 
 def _pairs(text: str) -> tuple[float, ...]:

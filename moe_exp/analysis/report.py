@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_exp.analysis.ablations import value_order
+from moe_exp.analysis.verdicts import value_order
 
 METRICS = (
     "test/acc",
@@ -81,6 +81,14 @@ class Group:
         for r in self.runs:
             counts[r.status] += 1
         return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+    @property
+    def size(self) -> int:
+        return len(self.completed)
+
+    def values(self, metric: str) -> list[float]:
+        """One value per completed run, nan where the run lacks the metric."""
+        return [math.nan if (v := r.metric(metric)) is None else v for r in self.completed]
 
     def stats(self, metric: str) -> tuple[float, float, int]:
         values = [v for r in self.completed if (v := r.metric(metric)) is not None]
@@ -197,7 +205,11 @@ def build_report(
     _write_markdown(out_dir / "report.md", header, rows, runs, spec, verdicts, note)
     if spec:
         (out_dir / "verdicts.json").write_text(
-            json.dumps([{**asdict(v), "verdict": v.label} for v in verdicts], indent=2) + "\n"
+            json.dumps(
+                [{**asdict(v), "verdict": v.label, "uncertainty": v.uncertainty} for v in verdicts],
+                indent=2,
+            )
+            + "\n"
         )
     with (out_dir / "report.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -238,6 +250,7 @@ def _verdicts(spec: dict[str, Any], groups: list[Group]) -> tuple[list[Any], str
     file names a check, it never brings code to run). A name that is not one of them, or
     arguments it does not take, give no verdicts and a one-line note instead."""
     from moe_exp.analysis import ablations
+    from moe_exp.analysis.verdicts import Results, assess
 
     node = dict(spec.get("check") or {})
     target = str(node.pop("_target_", ""))
@@ -248,9 +261,13 @@ def _verdicts(spec: dict[str, Any], groups: list[Group]) -> tuple[list[Any], str
         names = ", ".join(f"{ablations.__name__}.{n}" for n in known)
         return [], f"no verdicts: ablation.check._target_={target!r} is not one of {names}"
     try:
-        return known[name](ablations.Results(groups), **node), ""
+        return assess(known[name], Results(groups), **node), ""
     except TypeError as err:  # arguments the check does not take
         return [], f"no verdicts: ablation.check of {name} failed: {err}"
+
+
+def _evidence(verdict: Any) -> str:
+    return f"{verdict.evidence}; {verdict.uncertainty}" if verdict.uncertainty else verdict.evidence
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -275,7 +292,7 @@ def _write_markdown(
         lines += [f"> {note}", ""]
     if verdicts:
         lines += ["## Verdicts", ""]
-        lines += [f"- **{v.label}**: {v.claim}. {v.evidence}" for v in verdicts]
+        lines += [f"- **{v.label}**: {v.claim}. {_evidence(v)}" for v in verdicts]
         lines += ["", "## Results (mean ± std over seeds)", ""]
     lines += _table(header, rows)
     published = (spec or {}).get("published")
@@ -323,7 +340,7 @@ def print_table(table: dict[str, Any], title: str) -> None:
         rich_table.add_row(*cells, style=style)
     Console(width=max(120, 14 * len(table["header"]))).print(rich_table)
     for v in table["verdicts"]:
-        print(f"{v.label.upper()}: {v.claim}. {v.evidence}")
+        print(f"{v.label.upper()}: {v.claim}. {_evidence(v)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

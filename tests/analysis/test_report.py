@@ -66,6 +66,6 @@ def test_only_differing_overrides_become_columns(quick_sweep):
 
 
 def test_plot_axes_put_numbers_in_order_and_other_values_after():
-    from moe_exp.analysis.ablations import value_order
+    from moe_exp.analysis.verdicts import value_order
 
     assert sorted(["8", "default", "2", "16"], key=value_order) == ["2", "8", "16", "default"]
