@@ -1,7 +1,7 @@
 """A property-based search over the config tree (hypothesis): any choice of group options and
-any values for the numeric keys of the config they compose either passes the checks or fails
-with a clean message (a MoeExpError, or Hydra's own composition error), never another
-exception; a sample of what passes also runs a few batches through the CLI's own code.
+any values for the numeric, text and list keys of the config they compose either passes the
+checks or fails with a clean message (a MoeExpError, or Hydra's own composition error), never
+another exception; a sample of what passes also runs a few batches through the CLI's own code.
 
 Seeded (``derandomize``) and bounded to stay in the default suite's time; ``-m slow`` draws
 more. Shrunk examples of what it found are kept as plain tests in test_cli.py and
@@ -31,6 +31,11 @@ OPTIONS = {
     for group in DRAWN
 }
 ODD_VALUES = ["0", "-1", "1e12", "1e-12", "abc", "null", "true", "[1,2]", "''", "3.5", "-0.5"]
+# text: a wrong name, empty, a number, a list, a path out of the folder, a name too long for
+# any filesystem (255 bytes), characters a path may not hold; never an absolute path, which
+# a micro run could create
+ODD_TEXT = ["xyz", "''", "1", "null", "true", "[a]", "'a b'", "..", "x" * 300, "'a/b'", "-1"]
+ODD_LISTS = ["[]", "[xyz]", "[1,2,3]", "[[1]]", "abc", "null", "[0.5,-1]", "['']"]
 SETTINGS = dict(
     derandomize=True,
     deadline=None,
@@ -38,41 +43,49 @@ SETTINGS = dict(
 )
 
 
-def numeric_leaves(node: Any, path: str = "") -> Iterator[str]:
-    """Dotted keys of every number in the composed config (not Hydra's, not interpolations)."""
+def leaves(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, kind) of every number, text and list in the composed config (not
+    Hydra's, not interpolations); kind is "number", "text" or "list"."""
     if isinstance(node, DictConfig):
         for key in node:
             if str(key).startswith("_") or OmegaConf.is_interpolation(node, key):
                 continue
             try:
                 value = node[key]
-            except Exception:  # a value that does not resolve: not a number to draw
+            except Exception:  # a value that does not resolve: nothing to draw
                 continue
-            yield from numeric_leaves(value, f"{path}.{key}" if path else str(key))
+            yield from leaves(value, f"{path}.{key}" if path else str(key))
     elif isinstance(node, ListConfig):
-        return
+        yield path, "list"
+    elif isinstance(node, str):
+        yield path, "text"
     elif isinstance(node, (int, float)) and not isinstance(node, bool):
-        yield path
+        yield path, "number"
+
+
+def odd_value(kind: str) -> st.SearchStrategy[str]:
+    if kind == "text":
+        return st.sampled_from(ODD_TEXT)
+    if kind == "list":
+        return st.sampled_from(ODD_LISTS)
+    return st.one_of(
+        st.sampled_from(ODD_VALUES),
+        st.integers(-2, 40).map(str),
+        st.floats(-2, 4, allow_nan=False).map(lambda v: f"{v:.3g}"),
+    )
 
 
 @st.composite
 def configurations(draw: Any) -> list[str]:
-    """Overrides: group options, then odd or ordinary values for numeric keys they compose."""
+    """Overrides: group options, then odd or ordinary values for keys they compose."""
     overrides = [
         f"{group}={draw(st.sampled_from(options))}"
         for group, options in OPTIONS.items()
         if draw(st.booleans())
     ]
-    keys = sorted(set(numeric_leaves(compose_config([*TINY, *overrides]))))
-    for key in draw(st.lists(st.sampled_from(keys), max_size=3, unique=True)):
-        value = draw(
-            st.one_of(
-                st.sampled_from(ODD_VALUES),
-                st.integers(-2, 40).map(str),
-                st.floats(-2, 4, allow_nan=False).map(lambda v: f"{v:.3g}"),
-            )
-        )
-        overrides.append(f"{key}={value}")
+    kinds = dict(leaves(compose_config([*TINY, *overrides])))
+    for key in draw(st.lists(st.sampled_from(sorted(kinds)), max_size=3, unique=True)):
+        overrides.append(f"{key}={draw(odd_value(kinds[key]))}")
     return overrides
 
 
@@ -101,10 +114,15 @@ def test_every_drawn_configuration_passes_or_is_refused_cleanly(overrides):
 def test_drawn_configurations_that_pass_run_a_few_batches(overrides, tmp_path_factory):
     # only what passes the checks runs: hypothesis draws until it has such a configuration
     assume("logger=wandb" not in overrides and check(overrides))
-    root = tmp_path_factory.mktemp("draw")
+    base = tmp_path_factory.mktemp("draw")
+    root = base / "a" / "b"  # a drawn output folder of ".." stays inside base
+    root.mkdir(parents=True)
     out = run_app(*TINY, *overrides, "debug=fdr", cwd=root)
-    (summary,) = root.glob("outputs/debug/*/*/summary.json")
-    record = json.loads(summary.read_text())
+    summaries = list(base.rglob("summary.json"))
+    if not summaries:  # refused before a run folder existed (one that cannot be created)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, (overrides, out.stderr)
+        return
+    record = json.loads(summaries[0].read_text())
     clean = record["status"] == "debug" or str(record.get("error", "")).startswith(
         ("ConfigError", "DivergedError", "DataNotFoundError", "MoeExpError")
     )
