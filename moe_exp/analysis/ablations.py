@@ -11,10 +11,9 @@ that seed noise could flip *inconclusive*.
 
 from __future__ import annotations
 
-import inspect
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from moe_exp.analysis.verdicts import Results, Verdict
 from moe_exp.analysis.verdicts import verdict as _verdict
@@ -275,18 +274,3 @@ def _spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     if statistics.pstdev(rx) == 0 or statistics.pstdev(ry) == 0:
         return 0.0
     return statistics.correlation(rx, ry)
-
-
-def checks() -> dict[str, Callable[..., list[Verdict]]]:
-    """The verdict checks a preset's ``ablation.check`` may name: this module's public
-    functions whose first argument is the :class:`Results` (the report runs nothing else)."""
-    found = {}
-    for name, value in globals().items():
-        if name.startswith("_") or not inspect.isfunction(value):
-            continue
-        if value.__module__ != __name__:
-            continue
-        first = next(iter(inspect.signature(value).parameters.values()), None)
-        if first is not None and first.annotation in ("Results", Results):
-            found[name] = value
-    return found

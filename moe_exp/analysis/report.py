@@ -245,24 +245,25 @@ def build_report(
 
 
 def _verdicts(spec: dict[str, Any], groups: list[Group]) -> tuple[list[Any], str]:
-    """The preset's verdicts and a note: the check is a function of
-    :mod:`moe_exp.analysis.ablations` looked up by the name in its ``_target_`` (a results
-    file names a check, it never brings code to run). A name that is not one of them, or
-    arguments it does not take, give no verdicts and a one-line note instead."""
-    from moe_exp.analysis import ablations
-    from moe_exp.analysis.verdicts import Results, assess
+    """The preset's verdicts and a note: the check is one of the project's own, looked up by
+    the name in its ``_target_`` (a results file names a check, it never brings code to
+    run). A name that is not one of them, or arguments it does not take, give no verdicts
+    and a one-line note instead."""
+    from moe_exp.analysis.verdicts import Results, assess, known_checks
 
     node = dict(spec.get("check") or {})
     target = str(node.pop("_target_", ""))
     node.pop("_partial_", None)
-    module, _, name = target.rpartition(".")
-    known = ablations.checks()
-    if module != ablations.__name__ or name not in known:
-        names = ", ".join(f"{ablations.__name__}.{n}" for n in known)
-        return [], f"no verdicts: ablation.check._target_={target!r} is not one of {names}"
+    known = known_checks()
+    if target not in known:
+        return (
+            [],
+            f"no verdicts: ablation.check._target_={target!r} is not one of {', '.join(known)}",
+        )
     try:
-        return assess(known[name], Results(groups), **node), ""
+        return assess(known[target], Results(groups), **node), ""
     except TypeError as err:  # arguments the check does not take
+        name = target.rpartition(".")[2]
         return [], f"no verdicts: ablation.check of {name} failed: {err}"
 
 

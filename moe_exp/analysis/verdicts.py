@@ -10,6 +10,8 @@ interval that straddles its threshold, and is **inconclusive**.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -127,6 +129,25 @@ def assess(
         replace(v, support=h / redraws, seeds=seeds) if v.holds is not None else v
         for v, h in zip(verdicts, held, strict=True)
     ]
+
+
+CHECK_MODULES = ("moe_exp.analysis.ablations", "moe_exp.analysis.questions")
+
+
+def known_checks() -> dict[str, Callable[..., list[Verdict]]]:
+    """The checks a preset's ``ablation.check`` may name, by dotted name: the public
+    functions of :data:`CHECK_MODULES` whose first argument is the :class:`Results` (the
+    report calls nothing else)."""
+    found = {}
+    for module in map(importlib.import_module, CHECK_MODULES):
+        for name, value in vars(module).items():
+            if name.startswith("_") or not inspect.isfunction(value):
+                continue
+            first = next(iter(inspect.signature(value).parameters.values()), None)
+            takes_results = first is not None and first.annotation in ("Results", Results)
+            if value.__module__ == module.__name__ and takes_results:
+                found[f"{module.__name__}.{name}"] = value
+    return found
 
 
 def value_order(value: str) -> tuple[int, float | str]:

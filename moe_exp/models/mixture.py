@@ -17,6 +17,10 @@ from moe_exp.moe import MoE, Regularizer, Routing
 from moe_exp.moe.experts import build_experts, first_kind
 
 COMBINES = ("probs", "logits")
+# What the gating network sees of an image: all of it, a greyscale copy (the channel mean:
+# hue gone, brightness kept), or its colour alone (each channel's mean over the image: the
+# shape gone). The experts always see the whole image.
+GATE_INPUTS = ("image", "grey", "colour")
 
 
 class GateEncoder(nn.Module):
@@ -60,6 +64,9 @@ class MixtureClassifier(nn.Module):
     :func:`~moe_exp.moe.experts.kinds.mixed` partial building all of them (its counts must sum to
     ``num_experts``).
 
+    ``gate_input`` (:data:`GATE_INPUTS`) takes a feature away from the gate only, to ask
+    what a gate routes on when the label does not need that feature.
+
     ``shared_experts`` (DeepSeekMoE, Dai et al. 2024) adds S always-on experts of the same
     kind (a mixed expert's first kind) that see every input, outside the router: with
     ``combine="logits"`` their logits are added with weight 1, z = Σ g_i z_i + Σ_s z_s; with
@@ -86,15 +93,22 @@ class MixtureClassifier(nn.Module):
         combine: str = "probs",
         channels_last: bool = True,
         shared_experts: int = 0,
+        gate_input: str = "image",
     ) -> None:
         super().__init__()
         if combine not in COMBINES:
             raise ValueError(f"combine={combine!r} is not one of {', '.join(COMBINES)}")
+        if gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input={gate_input!r} is not one of {', '.join(GATE_INPUTS)}")
         if shared_experts < 0:
             raise ValueError(f"model.shared_experts={shared_experts} must be >= 0")
         self.combine = combine
         self.channels_last = channels_last and len(in_shape) == 3
-        self.gate_encoder = GateEncoder(in_shape, gate_width)
+        self.gate_input = gate_input if len(in_shape) == 3 else "image"
+        gate_shape = tuple(in_shape)
+        if self.gate_input == "grey":
+            gate_shape = (1, *gate_shape[1:])
+        self.gate_encoder = GateEncoder(gate_shape, gate_width)
         experts = build_experts(expert, num_experts, in_shape, num_classes)
         self.shared = nn.ModuleList(
             first_kind(expert)(in_shape=tuple(in_shape), num_outputs=num_classes)
@@ -112,7 +126,7 @@ class MixtureClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Routing]]:
         x = self.lay_out(x)
-        mixed, routing = self.moe(x, router_input=self.gate_encoder(x))
+        mixed, routing = self.moe(x, router_input=self.gate_features(x))
         return self.combine_log_probs(mixed, x), [routing]
 
     # The pieces of the forward pass, for strategies that train gate and experts apart.
@@ -121,7 +135,15 @@ class MixtureClassifier(nn.Module):
 
     def route(self, x: Tensor) -> Routing:
         """The gate's decision for ``x`` (no aux losses: those belong to joint training)."""
-        return self.moe.router(self.gate_encoder(self.lay_out(x)))
+        return self.moe.router(self.gate_features(self.lay_out(x)))
+
+    def gate_features(self, x: Tensor) -> Tensor:
+        """The gating network's features of (laid out) images, from what it may see."""
+        if self.gate_input == "grey":
+            x = x.mean(1, keepdim=True)
+        elif self.gate_input == "colour":
+            x = x.mean((2, 3), keepdim=True).expand_as(x)
+        return self.gate_encoder(x)
 
     def expert_logits(self, x: Tensor) -> Tensor:
         """Every expert's raw outputs on every input, [N, E, C]."""

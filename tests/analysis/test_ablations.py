@@ -229,9 +229,17 @@ PRESETS = {  # each preset reduced to 2 grid points (command-line sweeps win ove
                              "trainer.max_steps=4"],
     "shape_colour_specialisation": ["strategy=joint,hierarchical_attribute"],
     "strategies": ["strategy=joint,em", "data=shapes"],
+    "gate_features": ["data.target=shape", "model.gate_input=image,grey"],
+    "compute_scaling": ["experts=2,4", "gate=noisy_topk"],
 }  # fmt: skip
 # the other presets' claims compare 4+ grid points: reduced, each says "not checked"
-CHECKABLE_WHEN_REDUCED = {"ablation_balance", "shape_colour_specialisation", "strategies"}
+CHECKABLE_WHEN_REDUCED = {
+    "ablation_balance",
+    "compute_scaling",
+    "gate_features",
+    "shape_colour_specialisation",
+    "strategies",
+}
 TINY = [*TINY_DATA, "trainer.max_epochs=1", "seed=0"]
 
 
@@ -251,7 +259,54 @@ def test_each_preset_runs_reduced_and_reports_a_verdict(preset, tmp_path):
     assert len(runs) == 2 and all(r.status == "completed" for r in runs)
     table = build_report([sweep], tmp_path / "report", plots=False)
     assert table["verdicts"], "the preset's check gave no verdict"
-    assert {v.label for v in table["verdicts"]} <= {"holds", "does not hold", "not checked"}
+    labels = {"holds", "does not hold", "inconclusive", "not checked"}
+    assert {v.label for v in table["verdicts"]} <= labels
     checked = any(v.holds is not None for v in table["verdicts"])
     assert checked == (preset in CHECKABLE_WHEN_REDUCED), [v.label for v in table["verdicts"]]
     assert "## Verdicts" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_gate_features_reads_what_the_gate_routes_on_by_view(tmp_path):
+    from moe_exp.analysis.questions import gate_features
+
+    table = {  # (target, view) → (NMI shape, NMI colour, test/acc)
+        ("shape", "image"): (0.05, 0.80, 0.99),
+        ("shape", "grey"): (0.60, 0.20, 0.99),
+        ("colour", "image"): (0.10, 0.90, 0.99),
+        ("colour", "grey"): (0.50, 0.30, 0.97),  # the gate cannot see what the label needs
+    }
+    for (target, view), (shape, colour, acc) in table.items():
+        for seed in (0, 1):
+            write_run(
+                tmp_path, f"{target}-{view}-{seed}",
+                [f"data.target={target}", f"model.gate_input={view}", f"seed={seed}"],
+                **{"test/nmi_shape": shape, "test/nmi_colour": colour, "test/acc": acc},
+            )  # fmt: skip
+    by_colour, by_shape, accuracy = gate_features(results_of(tmp_path))
+    assert (
+        by_colour.holds and "target colour: NMI(shape) 0.10, NMI(colour) 0.90" in by_colour.evidence
+    )
+    assert by_shape.holds and "target shape: NMI(shape) 0.60, NMI(colour) 0.20" in by_shape.evidence
+    assert not accuracy.holds and "largest drop: colour with grey, 2.00 points" in accuracy.evidence
+
+
+def test_compute_scaling_reads_flops_throughput_and_accuracy_per_expert_count(tmp_path):
+    from moe_exp.analysis.questions import compute_scaling
+
+    for e, sparse_speed in ((2, 1000.0), (8, 900.0), (32, 700.0)):
+        for seed in (0, 1):
+            common = [f"experts={e}", f"seed={seed}"]
+            write_run(
+                tmp_path, f"s{e}-{seed}", [*common, "gate=noisy_topk"],
+                flops_active=10e6 + 1e3 * e, train_samples_per_s=sparse_speed,
+                **{"test/acc": 0.99},
+            )  # fmt: skip
+            write_run(
+                tmp_path, f"d{e}-{seed}", [*common, "gate=softmax"],
+                flops_active=1e6 + 5e6 * e, train_samples_per_s=100.0, **{"test/acc": 0.995},
+            )  # fmt: skip
+    flat, linear, speed, accuracy = compute_scaling(results_of(tmp_path))
+    assert flat.holds and "MFLOPs E=2: 10.0, E=8: 10.0, E=32: 10.0" in flat.evidence
+    assert linear.holds and "E=32: 161.0" in linear.evidence
+    assert not speed.holds and "slowest 70 % of fastest" in speed.evidence
+    assert accuracy.holds  # 0.5 points apart

@@ -151,3 +151,19 @@ def test_the_probs_combiner_keeps_a_distribution_for_any_gate_weights():
     over = _fill_to_uniform(3.0 * p)  # ReLU weights summing to 3: scaled back
     torch.testing.assert_close(over, p)
     torch.testing.assert_close(_fill_to_uniform(p), p)
+
+
+def test_the_gate_sees_only_what_gate_input_leaves_it():
+    x = torch.rand(6, *IMG)
+    hue_swapped = x[:, [2, 0, 1]]  # the same channel mean at every pixel
+    reshaped = x.flatten(2)[:, :, torch.randperm(16 * 16)].view_as(x)  # the same colour means
+    cnn = functools.partial(CNNExpert, width=4)
+    grey, colour, image = (mixture(cnn, gate_input=v).eval() for v in ("grey", "colour", "image"))
+    assert grey.gate_encoder.net[0].in_channels == 1
+    assert torch.allclose(grey.route(x).logits, grey.route(hue_swapped).logits, atol=1e-6)
+    assert torch.allclose(colour.route(x).logits, colour.route(reshaped).logits, atol=1e-6)
+    assert not torch.allclose(image.route(x).logits, image.route(hue_swapped).logits, atol=1e-3)
+    log_probs, _ = grey(x)  # the experts still see all of it
+    assert log_probs.shape == (6, K)
+    with pytest.raises(ValueError, match="gate_input='edges' is not one of image, grey, colour"):
+        mixture(cnn, gate_input="edges")
