@@ -71,6 +71,7 @@ class Run:
 class Group:
     params: dict[str, str]
     runs: list[Run] = field(default_factory=list)
+    _values: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     @property
     def completed(self) -> list[Run]:
@@ -87,8 +88,14 @@ class Group:
         return len(self.completed)
 
     def values(self, metric: str) -> list[float]:
-        """One value per completed run, nan where the run lacks the metric."""
-        return [math.nan if (v := r.metric(metric)) is None else v for r in self.completed]
+        """One value per completed run, nan where the run lacks the metric (remembered: the
+        verdicts' seed redraws ask for the same values a thousand times)."""
+        if metric not in self._values:
+            runs = self.completed
+            self._values[metric] = [
+                math.nan if (v := r.metric(metric)) is None else v for r in runs
+            ]
+        return self._values[metric]
 
     def stats(self, metric: str) -> tuple[float, float, int]:
         values = [v for r in self.completed if (v := r.metric(metric)) is not None]

@@ -5,8 +5,9 @@ beside an expert-count grid), into one folder, then write its report with the ve
 Each sweep is a plain ``moe-exp`` multirun in a subprocess, so a failing job is recorded by
 the runner itself and the report lists it; nothing here trains or scores anything. The jobs of
 a sweep run side by side (``hydra/launcher=parallel``, ``--jobs``), each with its share of the
-CPUs: the presets' models are too small to keep two threads busy, so two one-thread jobs
-finish sooner than two two-thread jobs in turn. A run's own pictures are skipped
+CPUs: most of the presets' models are too small to keep two threads busy, so two one-thread
+jobs side by side finish sooner than two two-thread jobs in turn (``--jobs 1`` for a grid of
+wide models, which do scale with threads). A run's own pictures are skipped
 (``plots=false``) unless the preset's ``ablation.plots`` asks for them: the verdicts read only
 the summaries, and the report draws its own plots.
 """

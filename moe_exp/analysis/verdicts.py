@@ -5,7 +5,8 @@ A check compares means over seeds with a threshold, so one unlucky seed can flip
 seed bootstrap (Efron & Tibshirani 1993, ch. 6) asks how often: it redraws each grid cell's
 runs with replacement, reruns the check on every redraw and counts how often each claim
 holds. A claim that holds in more than 2.5 % and fewer than 97.5 % of the redraws has a 95 %
-interval that straddles its threshold, and is **inconclusive**.
+interval that straddles its threshold, and is **inconclusive** (as is one whose redraws
+nearly all disagree with the verdict of the means).
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ class Verdict:
     def label(self) -> str:
         if self.holds is None:
             return "not checked"
-        if self.support is not None and 2 * min(self.support, 1 - self.support) > 1 - LEVEL:
-            return "inconclusive"
+        if self.support is not None:  # decided only where the redraws agree with the means
+            agree = self.support if self.holds else 1 - self.support
+            if agree < 1 - (1 - LEVEL) / 2:
+                return "inconclusive"
         return "holds" if self.holds else "does not hold"
 
     @property

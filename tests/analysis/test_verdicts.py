@@ -54,6 +54,8 @@ def test_one_run_per_cell_has_no_interval_and_says_so(tmp_path):
         (True, 0.97, "inconclusive"),
         (False, 0.03, "inconclusive"),
         (False, 0.02, "does not hold"),
+        (True, 0.02, "inconclusive"),  # the means pass, the redraws do not
+        (False, 0.98, "inconclusive"),
         (None, 0.5, "not checked"),
         (True, None, "holds"),
     ],
