@@ -101,6 +101,7 @@ class DenseBaseline(nn.Module):
         combine: str = "probs",
         channels_last: bool = True,
         shared_experts: int = 0,
+        gate_input: str = "image",
     ) -> None:
         super().__init__()
         if match not in MATCHES:
@@ -118,6 +119,7 @@ class DenseBaseline(nn.Module):
                 combine=combine,
                 channels_last=channels_last,
                 shared_experts=shared_experts,
+                gate_input=gate_input,
             )
             if match == "flops":
                 probe = torch.randn(32, *in_shape, generator=torch.Generator().manual_seed(0))
