@@ -18,7 +18,8 @@ def gate_features(
     that sees the whole image is expected to route by colour whatever the label asks for,
     unless colour is taken from it (a greyscale copy), when it must route by what is left.
     The experts always see the whole image, so accuracy should not depend on the view."""
-    targets, views = results.values(target), results.values(view)
+    # a key the sweep held fixed reads as "default", as in the report's table
+    targets, views = results.values(target) or ["default"], results.values(view) or ["default"]
     tkey, vkey = target.replace(".", "__"), view.replace(".", "__")
     nmi = {
         (t, v, a): results.mean(f"test/nmi_{a}", **{tkey: t, vkey: v})
@@ -73,6 +74,14 @@ def compute_scaling(
     experts per input, so active compute stays flat as experts are added while a dense-all
     gate's grows linearly, and training throughput stays within ``spread`` across E."""
     sizes = results.values("experts")
+    if len(sizes) < 2 or not {sparse, dense} <= set(results.values("gate")):
+        return [
+            Verdict(
+                "compute scales with k, not E",
+                None,
+                f"needs experts and gate={sparse},{dense} swept",
+            )
+        ]
     mixture = {"model": "default"}
 
     def per_e(metric: str, gate: str) -> dict[str, float]:

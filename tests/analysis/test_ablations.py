@@ -235,7 +235,6 @@ PRESETS = {  # each preset reduced to 2 grid points (command-line sweeps win ove
 # the other presets' claims compare 4+ grid points: reduced, each says "not checked"
 CHECKABLE_WHEN_REDUCED = {
     "ablation_balance",
-    "compute_scaling",
     "gate_features",
     "shape_colour_specialisation",
     "strategies",
