@@ -20,6 +20,8 @@ def gate_features(
     The experts always see the whole image, so accuracy should not depend on the view."""
     # a key the sweep held fixed reads as "default", as in the report's table
     targets, views = results.values(target) or ["default"], results.values(view) or ["default"]
+    if len(views) < 2:
+        return [Verdict("what the gate routes on", None, f"needs {view} swept over 2+ views")]
     tkey, vkey = target.replace(".", "__"), view.replace(".", "__")
     nmi = {
         (t, v, a): results.mean(f"test/nmi_{a}", **{tkey: t, vkey: v})
@@ -53,7 +55,7 @@ def gate_features(
         )
     if "image" in views:
         drops = {(t, v): acc[t, "image"] - a for (t, v), a in acc.items() if v != "image"}
-        worst = max(drops.items(), key=lambda kv: kv[1], default=(("-", "-"), math.nan))
+        worst = max(drops.items(), key=lambda kv: kv[1])
         verdicts.append(
             _verdict(
                 "what the gate sees costs at most 1 point of test accuracy (the experts see "
@@ -91,16 +93,15 @@ def compute_scaling(
     speed = per_e("train_samples_per_s", sparse)
     acc = {g: per_e("test/acc", g) for g in (sparse, dense)}
     baseline = {e: results.mean("test/acc", experts=e, model="dense_flops") for e in sizes}
-    lo, hi = (sizes[0], sizes[-1]) if sizes else ("-", "-")
+    lo, hi = sizes[0], sizes[-1]
 
     def row(values: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
         return ", ".join(f"E={e}: {v / scale:.{digits}f}" for e, v in values.items())
 
-    sparse_growth = max(flops[sparse].values(), default=math.nan) / min(
-        flops[sparse].values(), default=math.nan
-    )
+    # at least two sizes were swept (checked above)
+    sparse_growth = max(flops[sparse].values()) / min(flops[sparse].values())
     dense_per_expert = [flops[dense][e] / float(e) for e in sizes]
-    slowest = min(speed.values(), default=math.nan) / max(speed.values(), default=math.nan)
+    slowest = min(speed.values()) / max(speed.values())
     gaps = {e: acc[dense][e] - acc[sparse][e] for e in sizes}
     return [
         _verdict(

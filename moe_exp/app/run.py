@@ -261,10 +261,12 @@ def _measure(
     results.update(similarity_summary(matrices))
     names = {"label": datamodule.class_names, **datamodule.latent_values}
     plots_dir = run_dir / "plots"
-    paths = run_plots(module, names, plots_dir) if draw else []
-    for i, cka in enumerate(matrices if draw else []):
-        tag = f"layer{i}_" if len(matrices) > 1 else ""
-        paths.append(similarity_heatmap(cka, plots_dir / f"{tag}expert_similarity.png"))
+    paths = []
+    if draw:
+        paths = run_plots(module, names, plots_dir)
+        for i, cka in enumerate(matrices):
+            tag = f"layer{i}_" if len(matrices) > 1 else ""
+            paths.append(similarity_heatmap(cka, plots_dir / f"{tag}expert_similarity.png"))
     results["routing_tables"] = [
         str(write_routing_table(run_dir / "routing" / f"{split}.csv", rows).relative_to(run_dir))
         for split in ("test", "val")

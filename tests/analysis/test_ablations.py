@@ -287,6 +287,10 @@ def test_gate_features_reads_what_the_gate_routes_on_by_view(tmp_path):
     )
     assert by_shape.holds and "target shape: NMI(shape) 0.60, NMI(colour) 0.20" in by_shape.evidence
     assert not accuracy.holds and "largest drop: colour with grey, 2.00 points" in accuracy.evidence
+    for run in tmp_path.glob("*-grey-*"):  # the whole image alone: nothing to compare it with
+        (run / "summary.json").unlink()
+    (unchecked,) = gate_features(results_of(tmp_path))
+    assert unchecked.holds is None and "needs model.gate_input swept" in unchecked.evidence
 
 
 def test_compute_scaling_reads_flops_throughput_and_accuracy_per_expert_count(tmp_path):
