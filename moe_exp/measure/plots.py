@@ -62,14 +62,15 @@ def similarity_heatmap(cka: Tensor, path: Path, title: str = "expert similarity"
 
 
 def load_over_epochs(history: Sequence[Mapping[str, float]], prefix: str, path: Path) -> Path:
-    """Each expert's load fraction per epoch (from the per-epoch utilisation history)."""
+    """Each expert's load fraction at each validation (from the validation history)."""
     pattern = re.compile(rf"^{re.escape(prefix)}load_e(\d+)$")
     keys = sorted(
         (k for k in (history[0] if history else {}) if pattern.match(k)),
         key=lambda k: int(pattern.match(k).group(1)),
     )
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    epochs = range(1, len(history) + 1)
+    # epochs trained at each validation (mid-epoch or every few epochs where configured)
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
     for key in keys:
         ax.plot(
             epochs,

@@ -73,14 +73,16 @@ class CollapseAlarm(L.Callback):
         self.dominant_share = dominant_share
         self.streak = 0
         self.events = 0
+        self.validations_seen = 0
 
     # the streak survives a resume (it is part of the checkpoint)
     def state_dict(self) -> dict[str, int]:
-        return {"streak": self.streak, "events": self.events}
+        return {"streak": self.streak, "events": self.events, "seen": self.validations_seen}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.streak = int(state_dict.get("streak", 0))
         self.events = int(state_dict.get("events", 0))
+        self.validations_seen = int(state_dict.get("seen", 0))
 
     def _problems(self, metrics: dict[str, float]) -> list[str]:
         problems = []
@@ -108,8 +110,11 @@ class CollapseAlarm(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         history = getattr(module, "history", {}).get("val") or []
-        if not history or trainer.sanity_checking:
+        # count validations, not epochs: an epoch without one (check_val_every_n_epoch,
+        # val_check_interval) must not count the last one again
+        if len(history) <= self.validations_seen or trainer.sanity_checking:
             return
+        self.validations_seen = len(history)
         problems = self._problems(history[-1])
         self.streak = self.streak + 1 if problems else 0
         alarm = self.streak >= self.patience
@@ -117,7 +122,8 @@ class CollapseAlarm(L.Callback):
         if alarm and self.streak == self.patience:
             self.events += 1
             message = (
-                f"routing collapse for {self.streak} epochs (epoch {trainer.current_epoch}):"
+                f"routing collapse for {self.streak} validations in a row"
+                f" (epoch {trainer.current_epoch}):"
                 f" {'; '.join(problems)}"
             )
             log.warning(message)

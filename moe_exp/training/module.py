@@ -258,9 +258,16 @@ class MoEClassifierModule(L.LightningModule):
         # checkpoint goes to the summary (and its metrics rows say phase=validate/test)
         fitting = self.trainer.state.fn == "fit"
         if not self.trainer.sanity_checking and (fitting or split == "test"):
-            self.history[split].append({**means, **values})
-            if split == "val":
+            entry = {**means, **values}
+            if split == "val" and fitting:
+                # epochs trained when it ran: validation may run mid-epoch or skip epochs
+                # (trainer.val_check_interval, check_val_every_n_epoch), so its count is no clock
+                done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+                entry["epoch"] = self.current_epoch + done / max(
+                    self.trainer.num_training_batches, 1
+                )
                 self._val_epoch = self.current_epoch
+            self.history[split].append(entry)
         if split == "test":
             self.test_tables = [tracker.host() for tracker in self.routing_stats[split]]
             self.routing_stats[split] = []
@@ -304,12 +311,13 @@ class MoEClassifierModule(L.LightningModule):
     def _log_epoch_line(self) -> None:
         """One line per epoch in the run's log: loss, accuracy and balance (validation runs
         before this hook, so its values are this epoch's)."""
+        validated = self._val_epoch == self.current_epoch  # else val/gap are an older epoch's
         parts = [
             f"{split}/{key}={self.history[split][-1][key]:.4f}"
             for split, keys in (
                 ("train", ("loss", "acc")),
-                ("val", EPOCH_LINE_VAL_KEYS),
-                ("gap", ("acc",)),
+                ("val", EPOCH_LINE_VAL_KEYS if validated else ()),
+                ("gap", ("acc",) if validated else ()),
             )
             if self.history[split]
             for key in keys

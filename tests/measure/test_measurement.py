@@ -63,7 +63,9 @@ def test_collapse_alarm_fires_after_patience(tmp_path):
         trainer.current_epoch = epoch
         module.history["val"].append(metrics)
         alarm.on_train_epoch_end(trainer, module)
-    assert alarm.events == 1
+    assert alarm.events == 1 and alarm.streak == 3
+    alarm.on_train_epoch_end(trainer, module)  # an epoch without a validation: no new look
+    assert alarm.streak == 3
     (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert event["epoch"] == 1 and event["event"] == "collapse"
 
