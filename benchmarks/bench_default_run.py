@@ -4,7 +4,8 @@ Prints a table and writes outputs/benchmarks/default_run.json. Two parts:
 1. `moe-exp` with no overrides, as a user runs it (start-up included): wall time, test
    accuracy, per-expert test load, repeated --repeats times.
 2. Training throughput (samples/s) of the default model and data: Lightning's fit loop
-   vs a bare PyTorch loop doing the same steps, interleaved, median of --rounds.
+   vs a bare PyTorch loop doing the same steps, interleaved (the first of the two
+   alternating), the median of --rounds paired ratios.
 """
 
 from __future__ import annotations
@@ -46,22 +47,28 @@ def default_run(overrides: list[str]) -> dict:
     }
 
 
-def throughput(epochs: int = 1) -> tuple[float, float]:
-    """Samples/s of one training epoch: (Lightning, bare loop), same model, data, optimiser."""
+def _build(seed: int = 0):
+    """The default config, its datamodule and module, seeded (the same for both loops)."""
     import lightning as L
 
     from moe_exp.app.build import build_components
     from moe_exp.app.compose import compose
     from moe_exp.app.run import quiet_lightning
-    from moe_exp.training.callbacks import LineProgressBar
-    from moe_exp.training.optim import adamw
 
     quiet_lightning()
     cfg = compose()
     torch.set_num_threads(cfg.threads)
+    L.seed_everything(seed, verbose=False)
+    return (cfg, *build_components(cfg))
 
-    L.seed_everything(0, verbose=False)
-    datamodule, module = build_components(cfg)
+
+def lightning_rate(epochs: int = 1) -> float:
+    """Samples/s of Lightning's fit loop on the default model and data."""
+    import lightning as L
+
+    from moe_exp.training.callbacks import LineProgressBar
+
+    _, datamodule, module = _build()
     n = len(datamodule.splits["train"]) * epochs
     trainer = L.Trainer(
         max_epochs=epochs,
@@ -74,10 +81,15 @@ def throughput(epochs: int = 1) -> tuple[float, float]:
     )
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
-    lightning_rate = n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start)
 
-    L.seed_everything(0, verbose=False)
-    datamodule, module = build_components(cfg)
+
+def bare_rate(epochs: int = 1) -> float:
+    """Samples/s of a bare PyTorch loop doing the same steps (same optimiser and schedule)."""
+    from moe_exp.training.optim import adamw
+
+    cfg, datamodule, module = _build()
+    n = len(datamodule.splits["train"]) * epochs
     model = module.model.train()
     optimizer = adamw(
         [
@@ -101,14 +113,33 @@ def throughput(epochs: int = 1) -> tuple[float, float]:
             loss.backward()
             optimizer.step()
             schedule.step()
-    bare_rate = n / (time.perf_counter() - start)
-    return lightning_rate, bare_rate
+    return n / (time.perf_counter() - start)
+
+
+def throughput(rounds: int) -> dict:
+    """Both loops once per round, the one that goes first alternating (so neither always
+    gets the warmer or the cooler machine); the ratio is the median of the rounds' own
+    Lightning / bare ratios, since the machine's speed drifts between rounds."""
+    pairs = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            pairs.append((lightning_rate(), bare_rate()))
+        else:
+            bare = bare_rate()
+            pairs.append((lightning_rate(), bare))
+    return {
+        "lightning_samples_s": statistics.median(p[0] for p in pairs),
+        "bare_samples_s": statistics.median(p[1] for p in pairs),
+        "ratio": statistics.median(p[0] / p[1] for p in pairs),
+        "round_ratios": [p[0] / p[1] for p in pairs],
+        "rounds": pairs,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="default runs end to end")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved throughput rounds")
     parser.add_argument("--skip-run", action="store_true", help="only measure throughput")
     args = parser.parse_args()
 
@@ -122,18 +153,13 @@ def main() -> None:
                 f"{'':<14}{r['wall_s']:>8.1f}{r['test_acc']:>10.4f}{r['min_load']:>10.3f}  "
                 + " ".join(f"{v:.3f}" for v in r["test_loads"])
             )
-    rates = [throughput() for _ in range(args.rounds)]
-    lightning = statistics.median(r[0] for r in rates)
-    bare = statistics.median(r[1] for r in rates)
-    result["throughput"] = {
-        "lightning_samples_s": lightning,
-        "bare_samples_s": bare,
-        "ratio": lightning / bare,
-        "rounds": rates,
-    }
+    result["throughput"] = rates = throughput(args.rounds)
     print(
-        f"train throughput: Lightning {lightning:.0f}/s, bare loop {bare:.0f}/s, "
-        f"ratio {lightning / bare:.3f} (median of {args.rounds})"
+        f"train throughput: Lightning {rates['lightning_samples_s']:.0f}/s, bare loop "
+        f"{rates['bare_samples_s']:.0f}/s (medians); Lightning / bare {rates['ratio']:.3f} "
+        f"(median of {args.rounds} paired rounds: "
+        + " ".join(f"{r:.3f}" for r in rates["round_ratios"])
+        + ")"
     )
     out = ROOT / "outputs" / "benchmarks" / "default_run.json"
     out.parent.mkdir(parents=True, exist_ok=True)
