@@ -339,13 +339,15 @@ def print_table(table: dict[str, Any], title: str) -> None:
     """The table in the terminal, then each ablation verdict on a line of its own."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    rich_table = Table(title=title)
+    # cells as plain Text: a value like [0.1,0.1] or [new,gate] is not rich markup
+    rich_table = Table(title=Text(title))
     for column in table["header"]:
-        rich_table.add_column(column, overflow="fold")
+        rich_table.add_column(Text(column), overflow="fold")
     for cells in table["rows"]:
         style = None if cells[-1].endswith("completed") and "," not in cells[-1] else "red"
-        rich_table.add_row(*cells, style=style)
+        rich_table.add_row(*map(Text, cells), style=style)
     Console(width=max(120, 14 * len(table["header"]))).print(rich_table)
     for v in table["verdicts"]:
         print(f"{v.label.upper()}: {v.claim}. {_evidence(v)}")

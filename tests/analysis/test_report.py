@@ -8,6 +8,7 @@ from moe_exp.analysis.report import (
     find_runs,
     main,
     parse_overrides,
+    print_table,
     swept_parameters,
 )
 
@@ -69,3 +70,15 @@ def test_plot_axes_put_numbers_in_order_and_other_values_after():
     from moe_exp.analysis.verdicts import value_order
 
     assert sorted(["8", "default", "2", "16"], key=value_order) == ["2", "8", "16", "default"]
+
+
+def test_the_terminal_table_prints_list_values_as_they_are(capsys):
+    """A swept value like [0.1,0.1] or [new,gate] looks like rich markup; it must print."""
+    table = {
+        "header": ["balance_weights", "surgery.train", "n", "status"],
+        "rows": [["[0.1,0.1]", "[new,gate]", "2", "2 completed"]],
+        "verdicts": [],
+    }
+    print_table(table, "grid [a]")
+    out = capsys.readouterr().out
+    assert "[0.1,0.1]" in out and "[new,gate]" in out and "grid [a]" in out
