@@ -11,13 +11,19 @@ pipeline, so the common options (``conf/data/_common/defaults.yaml``) mean the s
 4. ``label_noise`` flips exactly round(fraction · N_train) *training* labels to another class;
    the true label is kept as the latent ``clean_label`` (in every split).
 5. Every split is standardised per channel with the training split's statistics.
-6. ``augment`` runs on whole training batches only (see :mod:`moe_exp.data.transforms`).
+6. ``hold_out`` removes inputs by a discrete latent's values (or by ``label``) from train and
+   val, after the standardisation: a run trained without yellow images and a later run
+   trained with them feed the same pixels to the experts, and the test split keeps every
+   value, so accuracy on held-out and seen values can be compared (continual learning).
+7. ``augment`` runs on whole training batches only (see :mod:`moe_exp.data.transforms`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,6 +105,7 @@ class InMemoryDataModule:
         label_noise: float = 0.0,
         augment: str = "none",
         crop_padding: int | None = None,
+        hold_out: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         check_ranges(
@@ -124,6 +131,7 @@ class InMemoryDataModule:
         self.label_noise = label_noise
         self.augment = augment
         self.crop_padding = crop_padding
+        self.hold_out = _hold_out_spec(hold_out)
         BatchAugment(augment, 8, seed)  # check the preset name now, not at the first batch
         self.splits: dict[str, Split] = {}
         self.mean: Tensor | None = None
@@ -183,7 +191,10 @@ class InMemoryDataModule:
         splits["test"] = self._shrink(splits["test"], "test", 1.0, _CAP_TEST)
         if self.label_noise > 0:
             splits = self._add_label_noise(splits)
-        self.splits = self._normalize(splits)
+        splits = self._normalize(splits)
+        if self.hold_out:
+            splits = self._drop_held_out(splits)
+        self.splits = splits
 
     def _shrink(self, split: Split, name: str, fraction: float, salt: int) -> Split:
         n = len(split)
@@ -212,6 +223,41 @@ class InMemoryDataModule:
         self.latent_names = (*self.latent_names, "clean_label")
         self.discrete_latents = self.discrete_latents_for(self.label_noise)
         return out
+
+    def _drop_held_out(self, splits: dict[str, Split]) -> dict[str, Split]:
+        """Train and val without the inputs whose latent (or label) takes a held-out value."""
+        values = {"label": list(self.class_names), **self.latent_values}
+        keep = {}
+        for name in ("train", "val"):
+            split = splits[name]
+            held = torch.zeros(len(split), dtype=torch.bool)
+            for latent, names in self.hold_out.items():
+                if latent != "label" and latent not in self.discrete_latents:
+                    choices = ", ".join(["label", *self.discrete_latents])
+                    raise ConfigError(
+                        f"data.hold_out names {latent!r}, which this data does not have; "
+                        f"hold out by one of: {choices}"
+                    )
+                unknown = [v for v in names if v not in values[latent]]
+                if unknown:
+                    raise ConfigError(
+                        f"data.hold_out.{latent}={list(names)}: {', '.join(map(repr, unknown))} "
+                        f"not among its values ({', '.join(values[latent])})"
+                    )
+                column = (
+                    split.labels
+                    if latent == "label"
+                    else split.latents[:, self.latent_names.index(latent)].long()
+                )
+                codes = torch.tensor([values[latent].index(v) for v in names])
+                held |= torch.isin(column, codes)
+            if bool(held.all()) and name == "train":
+                raise ConfigError(
+                    f"data.hold_out={self.hold_out} holds out every training input; "
+                    "keep at least one value"
+                )
+            keep[name] = split.subset(torch.nonzero(~held).squeeze(1))
+        return {**splits, **keep}
 
     def _normalize(self, splits: dict[str, Split]) -> dict[str, Split]:
         """Standardise every split per channel with the training split's statistics."""
@@ -253,6 +299,28 @@ class InMemoryDataModule:
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+def _hold_out_spec(hold_out: Any) -> dict[str, list[str]]:
+    """``{latent: [value names]}`` from the config, in plain types; checked for shape only
+    (which latents and values exist is known once the data is built)."""
+    if not hold_out:
+        return {}
+    if not isinstance(hold_out, Mapping):
+        raise ConfigError(
+            f"data.hold_out={hold_out!r} must map a latent to the values to hold out, "
+            "e.g. data.hold_out={colour:[yellow]}"
+        )
+    spec = {}
+    for latent, names in hold_out.items():
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, Sequence) or not all(isinstance(v, str) for v in names):
+            raise ConfigError(
+                f"data.hold_out.{latent}={names!r} must be a list of value names, "
+                f"e.g. data.hold_out={{{latent}:[...]}}"
+            )
+        spec[str(latent)] = list(names)
+    return spec
 
 
 def _as_float(images: Tensor) -> Tensor:

@@ -149,3 +149,38 @@ def test_bad_common_options_name_the_key(kwargs, message):
     with pytest.raises(ConfigError) as err:
         DigitsDataModule(**kwargs)
     assert message in str(err.value)
+
+
+def test_hold_out_keeps_a_colour_out_of_train_and_val_but_not_test():
+    kwargs = {"n_train": 800, "n_val": 200, "n_test": 200, "seed": 0}
+    held = ShapesDataModule(hold_out={"colour": ["yellow"]}, **kwargs)
+    whole = ShapesDataModule(**kwargs)
+    held.setup(), whole.setup()
+    column = held.latent_names.index("colour")
+    seen = {s: set(held.splits[s].latents[:, column].long().tolist()) for s in held.splits}
+    assert seen == {"train": {0, 1, 2}, "val": {0, 1, 2}, "test": {0, 1, 2, 3}}
+    assert len(held.splits["train"]) == 600  # yellow is a quarter of the stratified draw
+    # the same pixels as a run with every colour: standardised before the hold-out
+    assert torch.equal(held.mean, whole.mean) and torch.equal(held.std, whole.std)
+    assert torch.equal(held.splits["test"].images, whole.splits["test"].images)
+    keep = whole.splits["train"].latents[:, column] != 3
+    assert torch.equal(held.splits["train"].images, whole.splits["train"].images[keep])
+    by_label = ShapesDataModule(hold_out={"label": ["red circle"]}, **kwargs)
+    by_label.setup()
+    assert 0 not in by_label.splits["train"].labels.tolist()
+
+
+@pytest.mark.parametrize(
+    ("hold_out", "message"),
+    [
+        ({"colour": ["purple"]}, "'purple' not among its values (red, green, blue, yellow)"),
+        ({"size": ["big"]}, "names 'size', which this data does not have; hold out by one of: "
+                            "label, shape, colour, cluster"),
+        ({"colour": ["red", "green", "blue", "yellow"]}, "holds out every training input"),
+        (["yellow"], "must map a latent to the values to hold out"),
+        ({"colour": [1]}, "must be a list of value names"),
+    ],
+)  # fmt: skip
+def test_a_bad_hold_out_names_the_value_and_the_choices(hold_out, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ShapesDataModule(n_train=80, n_val=20, n_test=20, hold_out=hold_out).setup()
