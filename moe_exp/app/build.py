@@ -59,6 +59,7 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
         frozen = surgery.apply(model, expert, router, in_shape, num_classes, new_expert)
     module = MoEClassifierModule(model, num_classes, latents=datamodule.latent_spec(), **cfg.optim)
     module.frozen_modules = frozen
+    module.old_experts = surgery.old_experts if surgery is not None else {}
     module.description = describe(cfg, in_shape, num_classes)
     return datamodule, module
 

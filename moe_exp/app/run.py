@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -240,13 +241,18 @@ def eval_accuracy(module: Any, split: Any, batch_size: int = 1024) -> float:
 def _measure(
     module: Any, datamodule: Any, run_dir: Path, draw: bool = True
 ) -> tuple[dict[str, Any], list[Path]]:
-    """FLOPs per input, expert similarity and (``draw``) the routing pictures of the tested
-    model."""
+    """FLOPs per input, expert similarity, the routing tables, test accuracy per value of
+    each discrete latent and (``draw``) the routing pictures of the tested model."""
     from moe_exp.measure.capacity import at_training_capacity
     from moe_exp.measure.cost import flops_per_sample
     from moe_exp.measure.plots import run_plots, similarity_heatmap
-    from moe_exp.measure.routing_table import routing_rows, write_routing_table
+    from moe_exp.measure.routing_table import (
+        accuracy_by_value,
+        routing_rows,
+        write_routing_table,
+    )
     from moe_exp.measure.similarity import expert_similarity, similarity_summary
+    from moe_exp.training.surgery import unchanged_experts
 
     probe = datamodule.splits["test"].images[:PROBE_INPUTS]
     results: dict[str, Any] = dict(flops_per_sample(module.model, probe))
@@ -267,20 +273,24 @@ def _measure(
         for i, cka in enumerate(matrices):
             tag = f"layer{i}_" if len(matrices) > 1 else ""
             paths.append(similarity_heatmap(cka, plots_dir / f"{tag}expert_similarity.png"))
-    results["routing_tables"] = [
-        str(write_routing_table(run_dir / "routing" / f"{split}.csv", rows).relative_to(run_dir))
+    tables = {
+        split: routing_rows(
+            module.model,
+            datamodule.splits[split],
+            datamodule.eval_batch_size,
+            datamodule.latent_names,
+            datamodule.latent_values,
+        )
         for split in ("test", "val")
         if len(datamodule.splits[split])
-        for rows in [
-            routing_rows(
-                module.model,
-                datamodule.splits[split],
-                datamodule.eval_batch_size,
-                datamodule.latent_names,
-                datamodule.latent_values,
-            )
-        ]
+    }
+    results["routing_tables"] = [
+        str(write_routing_table(run_dir / "routing" / f"{split}.csv", rows).relative_to(run_dir))
+        for split, rows in tables.items()
     ]
+    if "test" in tables:
+        results.update(accuracy_by_value(tables["test"], datamodule.latent_values, "test/"))
+    results.update(unchanged_experts(module.model, module.old_experts))
     return results, paths
 
 
@@ -346,7 +356,9 @@ def _train_and_test(
     )
     # each metrics row says whether it is training or the final evaluation (fit, validate, test)
     tag_rows(trainer.loggers, "phase", lambda: getattr(trainer.state.fn, "value", ""))
+    started = time.perf_counter()
     _fit(cfg, trainer, module, datamodule, last)
+    fit_seconds = time.perf_counter() - started  # this attempt's training (and validations)
     if trainer.fast_dev_run:  # a few batches of each split: nothing to measure or claim
         trainer.test(module, datamodule=datamodule, verbose=False)
         batches = int(trainer.fast_dev_run)
@@ -368,6 +380,7 @@ def _train_and_test(
         **module.last_epoch(),
         epochs=trainer.current_epoch,
         train_samples_per_s=module.train_samples_per_s,
+        fit_time_s=round(fit_seconds, 3),
         collapse_events=alarms[0].events if alarms else None,
         best_checkpoint=str(Path(best).relative_to(run_dir)) if best else None,
         plots=[str(p.relative_to(run_dir)) for p in plots],

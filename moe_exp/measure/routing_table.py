@@ -98,6 +98,21 @@ def routing_rows(
     return rows
 
 
+def accuracy_by_value(
+    rows: Sequence[Mapping[str, Any]], latent_values: Mapping[str, Sequence[str]], prefix: str
+) -> dict[str, float]:
+    """Accuracy on the inputs of each value of each discrete latent, from a split's table:
+    ``{prefix}acc_colour_yellow`` is the accuracy on the yellow inputs (spaces in a value's
+    name become underscores). What a held-out value (``data.hold_out``) is measured by."""
+    out = {}
+    for latent, names in latent_values.items():
+        for name in names:
+            hits = [r["prediction"] == r["label"] for r in rows if r.get(latent) == name]
+            if hits:
+                out[f"{prefix}acc_{latent}_{name.replace(' ', '_')}"] = sum(hits) / len(hits)
+    return out
+
+
 def write_routing_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write the rows as CSV; columns in first-seen order (rows may differ in length)."""
     columns: dict[str, None] = {}

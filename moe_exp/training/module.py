@@ -107,6 +107,7 @@ class MoEClassifierModule(L.LightningModule):
         # Modules that must not change (expert surgery freezes them, moe_exp.training.surgery): kept
         # in eval mode through training, so dropout is off and BatchNorm statistics stay put.
         self.frozen_modules: list[nn.Module] = []
+        self.old_experts: dict[int, dict[str, Tensor]] = {}  # their state as loaded, by id
         # what the checkpoints say they are (version, resolved config, input shape), set by
         # the app's build; read back by moe_exp.load
         self.description: dict[str, Any] = {}

@@ -168,6 +168,7 @@ class Surgery:
     graft: list[dict[str, Any]] = field(default_factory=list)
     expert: str | None = None
     train: list[Any] = field(default_factory=lambda: ["all"])
+    old_experts: dict[int, dict[str, Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.replace, self.remove = [int(i) for i in self.replace], [int(i) for i in self.remove]
@@ -250,6 +251,13 @@ class Surgery:
             j = int(entry["into"])
             load_expert(model, j, expert_state(entry["from"], int(entry["expert"])))
             new_ids.add(j)
+        # the source's experts as loaded, by final id: what a frozen expert must still be
+        # after training (and what fine-tuning everything moves away from)
+        self.old_experts = {
+            j: {k: v.detach().clone() for k, v in model.moe.experts[j].state_dict().items()}
+            for j, i in enumerate(keep)
+            if i is not None and j not in new_ids
+        }
         frozen = self._frozen(model, new_ids)
         for module in frozen:
             for p in module.parameters():
@@ -327,6 +335,20 @@ class Surgery:
         if "gate" not in self.train:
             frozen += [model.gate_encoder, model.moe.router]
         return frozen
+
+
+def unchanged_experts(model: nn.Module, old: Mapping[int, Mapping[str, Tensor]]) -> dict[str, int]:
+    """How many of the source's kept experts are still bit-identical to what was loaded
+    (every parameter and buffer ``torch.equal``): the claim that adding an expert leaves the
+    others untouched, measured on the model as tested. Empty without surgery edits."""
+    if not old:
+        return {}
+    experts = _experts(model)
+    same = sum(
+        all(torch.equal(v, state[k]) for k, v in experts[j].state_dict().items())
+        for j, state in old.items()
+    )
+    return {"surgery/old_experts": len(old), "surgery/old_experts_unchanged": same}
 
 
 def _is_int(value: Any) -> bool:

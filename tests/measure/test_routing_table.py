@@ -47,3 +47,20 @@ def test_capacity_drops_and_expert_predictions_are_recorded(tmp_path):
     path = write_routing_table(tmp_path / "t.csv", rows)
     header = path.read_text().splitlines()[0].split(",")
     assert header[:3] == ["index", "label", "prediction"] and "p_e3" in header
+
+
+def test_accuracy_by_value_reads_each_latent_value_of_the_table():
+    from moe_exp.measure.routing_table import accuracy_by_value
+
+    rows = [
+        {"label": 0, "prediction": 0, "colour": "red", "shape": "circle"},
+        {"label": 1, "prediction": 0, "colour": "red", "shape": "cross"},
+        {"label": 2, "prediction": 2, "colour": "light blue", "shape": "cross"},
+    ]
+    values = {"colour": ["red", "light blue", "white"], "shape": ["circle", "cross"]}
+    assert accuracy_by_value(rows, values, "test/") == {
+        "test/acc_colour_red": 0.5,
+        "test/acc_colour_light_blue": 1.0,  # no white input: no key rather than a made-up 0
+        "test/acc_shape_circle": 1.0,
+        "test/acc_shape_cross": 0.5,
+    }

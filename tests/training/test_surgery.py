@@ -9,7 +9,13 @@ from moe_exp.app.config import instantiate
 from moe_exp.errors import ConfigError
 from moe_exp.moe.experts import CNNExpert, MLPExpert
 from moe_exp.training.strategies import JointStrategy
-from moe_exp.training.surgery import Surgery, expert_state, load_expert, resize_router
+from moe_exp.training.surgery import (
+    Surgery,
+    expert_state,
+    load_expert,
+    resize_router,
+    unchanged_experts,
+)
 from tests.conftest import TINY, compose_config, seeded_build
 
 # CNN experts: BatchNorm buffers too must survive a frozen run untouched.
@@ -61,10 +67,28 @@ def test_added_expert_and_gate_retrain_while_the_others_stay_bit_identical(sourc
     for before, expert in zip(experts, model.moe.experts, strict=False):
         assert _same(before, expert.state_dict())  # parameters and BatchNorm statistics
     assert not _same(untrained, model.moe.experts[4].state_dict())  # the new expert trained
+    # what the run's summary reports of it
+    assert unchanged_experts(model, module.old_experts) == {
+        "surgery/old_experts": 4,
+        "surgery/old_experts_unchanged": 4,
+    }
     # the routing record of the retrained mixture: the new expert takes part of the load
     val = module.history["val"][-1]
     assert val["load_e4"] > 0 and val["seen_e4"] > 0
     assert sum(val[f"load_e{i}"] for i in range(5)) == pytest.approx(1.0)
+
+
+def test_fine_tuning_everything_after_adding_an_expert_changes_the_old_ones(source, tmp_path):
+    run_dir, experts, _ = source
+    module, _ = _train(tmp_path, f"surgery.init_from={run_dir}", "surgery.add=1")
+    assert all(
+        not _same(b, e.state_dict())
+        for b, e in zip(experts, module.model.moe.experts[:4], strict=True)
+    )
+    assert unchanged_experts(module.model, module.old_experts) == {
+        "surgery/old_experts": 4,
+        "surgery/old_experts_unchanged": 0,
+    }
 
 
 def test_router_rows_are_kept_when_experts_are_removed_or_added(source, tmp_path):
