@@ -200,11 +200,14 @@ def build_report(
     swept = swept_parameters(runs)
     groups = group_runs(runs, swept)
     verdicts, note = _verdicts(spec, groups) if spec else ([], "")
-    header = [*swept, *metrics, "n", "status"]
+    # the parameter columns the table and plots show: an ablation may name the ones that
+    # tell its cells apart (the others change with them), report.csv keeps them all
+    shown = [k for k in (spec or {}).get("parameters") or swept if k in swept] or swept
+    header = [*shown, *metrics, "n", "status"]
     stats = [{m: g.stats(m) for m in metrics} for g in groups]
     rows = []
     for g, by_metric in zip(groups, stats, strict=True):
-        cells = [g.params[k] for k in swept]
+        cells = [g.params[k] for k in shown]
         cells += [_fmt(*by_metric[m]) for m in metrics]
         cells += [str(len(g.completed)), g.status()]
         rows.append(cells)
@@ -240,7 +243,7 @@ def build_report(
                     r.summary.get("error", ""),
                 ]
             )
-    plot_paths = _plots(groups, swept, metrics, out_dir / "plots") if plots else []
+    plot_paths = _plots(groups, shown, metrics, out_dir / "plots") if plots else []
     return {
         "header": header,
         "rows": rows,
