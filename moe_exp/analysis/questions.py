@@ -1,6 +1,7 @@
 """Questions of this project's own, checked like the reproductions in
 :mod:`moe_exp.analysis.ablations` (a preset's ``ablation.check`` names one): what the gate
-routes on, and how compute scales with the number of experts.
+routes on, how compute scales with the number of experts, and whether an expert can be added
+without rebuilding the mixture.
 """
 
 from __future__ import annotations
@@ -133,5 +134,95 @@ def compute_scaling(
                 if not all(math.isnan(v) for v in baseline.values())
                 else ""
             ),
+        ),
+    ]
+
+
+# the runs of modular_experts by task_name: the base mixture, the four ways to grow it, and
+# the retraining from scratch
+MODULAR_ARMS = (
+    "base",
+    "add_expert",
+    "add_expert_new_only",
+    "fine_tune",
+    "fine_tune_new_only",
+    "scratch",
+)
+
+
+def modular_experts(
+    results: Results,
+    latent: str = "colour",
+    held_out: str = "yellow",
+    seen: tuple[str, ...] = ("red", "green", "blue"),
+) -> list[Verdict]:
+    """Can an expert be added without rebuilding the mixture (Jacobs et al. 1991)? A base
+    mixture trained without one value of ``latent`` grows an expert for it; training only
+    that expert and the gate must leave the old experts bit-identical, keep the old values'
+    accuracy within 1 point and learn the new value nearly as well as retraining from
+    scratch, at a fraction of its cost. Fine-tuning everything on the new value alone is
+    the forgetting it is compared with. Arms are the runs' ``task_name``."""
+    missing = ", ".join(a for a in MODULAR_ARMS if a not in results.values("task_name"))
+    if missing:
+        return [Verdict("an expert can be added without rebuilding", None, f"needs {missing}")]
+
+    def mean(metric: str, arm: str) -> float:
+        return results.mean(metric, task_name=arm)
+
+    old = {
+        a: math.fsum(mean(f"test/acc_{latent}_{v}", a) for v in seen) / len(seen)
+        for a in MODULAR_ARMS
+    }
+    new = {a: mean(f"test/acc_{latent}_{held_out}", a) for a in MODULAR_ARMS}
+    fit = {a: mean("fit_time_s", a) for a in MODULAR_ARMS}  # training alone: no fixed costs
+    kept = {a: mean("surgery/old_experts", a) for a in ("add_expert", "add_expert_new_only")}
+    same = {a: mean("surgery/old_experts_unchanged", a) for a in kept}
+    table = "; ".join(
+        f"{a}: {', '.join(seen)} {old[a]:.4f}, {held_out} {new[a]:.4f}, trained {fit[a]:.0f} s"
+        for a in MODULAR_ARMS
+    )
+    cost = fit["add_expert"] / fit["scratch"]
+    return [
+        _verdict(
+            "training only the added expert and the gate leaves every old expert bit-identical",
+            [*kept.values(), *same.values()],
+            lambda: all(same[a] == kept[a] > 0 for a in kept),
+            ", ".join(f"{a}: {same[a]:.0f} of {kept[a]:.0f} unchanged" for a in kept),
+        ),
+        _verdict(
+            f"trained on every {latent}, the added expert keeps the old {latent}s' accuracy "
+            "within 1 point of the base mixture's",
+            [old["add_expert"], old["base"]],
+            lambda: old["add_expert"] >= old["base"] - 0.01,
+            table,
+        ),
+        _verdict(
+            f"... and learns {held_out} to within 5 points of a mixture retrained from scratch",
+            [new["add_expert"], new["scratch"]],
+            lambda: new["add_expert"] >= new["scratch"] - 0.05,
+            f"{held_out}: add_expert {new['add_expert']:.4f}, scratch {new['scratch']:.4f}",
+        ),
+        _verdict(
+            "... in under half the retraining's training time",
+            [cost],
+            lambda: cost < 0.5,
+            f"trained add_expert {fit['add_expert']:.0f} s, scratch {fit['scratch']:.0f} s "
+            f"({100 * cost:.0f} %)",
+        ),
+        _verdict(
+            f"fine-tuning the whole mixture on {held_out} alone forgets the old {latent}s "
+            "(their accuracy falls by more than 10 points)",
+            [old["fine_tune_new_only"], old["base"]],
+            lambda: old["fine_tune_new_only"] < old["base"] - 0.10,
+            f"old {latent}s: base {old['base']:.4f}, fine_tune_new_only "
+            f"{old['fine_tune_new_only']:.4f}",
+        ),
+        _verdict(
+            f"training only the added expert and the gate on {held_out} alone keeps the old "
+            f"{latent}s within 1 point (the old experts are frozen; the gate is not)",
+            [old["add_expert_new_only"], old["base"]],
+            lambda: old["add_expert_new_only"] >= old["base"] - 0.01,
+            f"old {latent}s: base {old['base']:.4f}, add_expert_new_only "
+            f"{old['add_expert_new_only']:.4f}",
         ),
     ]

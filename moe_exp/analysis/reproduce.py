@@ -1,6 +1,7 @@
 """``python -m moe_exp.analysis.reproduce [preset ...]`` (``make ablations``): run each ablation
 preset's sweep, plus the extra sweeps its ``ablation.also`` lists (e.g. the dense baselines
-beside an expert-count grid), into one folder, then write its report with the verdicts.
+beside an expert-count grid, or a later phase that starts from the main sweep's runs), in
+order, into one folder, then write its report with the verdicts.
 
 Each sweep is a plain ``moe-exp`` multirun in a subprocess, so a failing job is recorded by
 the runner itself and the report lists it; nothing here trains or scores anything. The jobs of
@@ -46,8 +47,15 @@ def sweeps(preset: str, folder: Path, extra: Sequence[str] = (), jobs: int = 1) 
     pictures = [] if ablation.get("plots") else ["plots=false"]
     extra = [*launcher, *pictures, *extra]  # the user's own overrides last, so they win
     main = [f"experiment={preset}", f"hydra.sweep.dir={folder}", *extra]
+    # ``{sweep}`` in an ``also`` sweep names the preset's folder (a later phase starting
+    # from the main sweep's runs, e.g. surgery.init_from={sweep}/<run>)
     return [main] + [
-        [f"experiment={preset}", f"hydra.sweep.dir={folder / f'also{i}'}", *shlex.split(o), *extra]
+        [
+            f"experiment={preset}",
+            f"hydra.sweep.dir={folder / f'also{i}'}",
+            *shlex.split(o.replace("{sweep}", shlex.quote(str(folder)))),
+            *extra,
+        ]
         for i, o in enumerate(also)
     ]
 

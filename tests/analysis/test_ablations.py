@@ -231,6 +231,7 @@ PRESETS = {  # each preset reduced to 2 grid points (command-line sweeps win ove
     "strategies": ["strategy=joint,em", "data=shapes"],
     "gate_features": ["data.target=shape", "model.gate_input=image,grey"],
     "compute_scaling": ["experts=2,4", "gate=noisy_topk"],
+    "modular_experts": ["seed=0,1"],  # the base sweep only: the arms need its checkpoints
 }  # fmt: skip
 # the other presets' claims compare 4+ grid points: reduced, each says "not checked"
 CHECKABLE_WHEN_REDUCED = {
@@ -313,3 +314,66 @@ def test_compute_scaling_reads_flops_throughput_and_accuracy_per_expert_count(tm
     assert linear.holds and "E=32: 161.0" in linear.evidence
     assert not speed.holds and "slowest 70 % of fastest" in speed.evidence
     assert accuracy.holds  # 0.5 points apart
+
+
+MODULAR = {  # arm → (old colours' accuracy, yellow's accuracy, fit s, old experts unchanged)
+    "base": (0.99, 0.00, 50.0, None),
+    "add_expert": (0.985, 0.97, 20.0, 3),
+    "add_expert_new_only": (0.70, 0.99, 12.0, 3),
+    "fine_tune": (0.99, 0.98, 21.0, 0),
+    "fine_tune_new_only": (0.40, 0.99, 12.0, 0),
+    "scratch": (0.99, 0.99, 55.0, None),
+}
+
+
+def test_modular_experts_reads_old_and_new_accuracy_bit_identity_and_cost(tmp_path):
+    from moe_exp.analysis.questions import modular_experts
+
+    for arm, (old, new, wall, same) in MODULAR.items():
+        for seed in (0, 1):
+            metrics = {f"test/acc_colour_{c}": old for c in ("red", "green", "blue")}
+            metrics |= {"test/acc_colour_yellow": new, "fit_time_s": wall + seed}
+            if same is not None:
+                metrics |= {"surgery/old_experts": 3, "surgery/old_experts_unchanged": same}
+            write_run(tmp_path, f"{arm}-{seed}", [f"task_name={arm}", f"seed={seed}"], **metrics)
+    identical, keeps, learns, cheaper, forgets, protects = modular_experts(results_of(tmp_path))
+    assert identical.holds and "add_expert: 3 of 3 unchanged" in identical.evidence
+    assert keeps.holds and "add_expert: red, green, blue 0.9850, yellow 0.9700, trained 20 s" in (
+        keeps.evidence
+    )
+    assert learns.holds and "add_expert 0.9700, scratch 0.9900" in learns.evidence
+    assert cheaper.holds and "trained add_expert 20 s, scratch 56 s (37 %)" in cheaper.evidence
+    assert forgets.holds and not protects.holds
+    for run in tmp_path.glob("scratch-*"):
+        (run / "summary.json").unlink()
+    (unchecked,) = modular_experts(results_of(tmp_path))
+    assert unchecked.holds is None and "needs scratch" in unchecked.evidence
+
+
+@pytest.mark.slow
+def test_modular_experts_runs_its_phases_and_decides_every_claim(tmp_path):
+    """The base sweep, then the five arms from its checkpoints, reduced; every claim checked."""
+    from moe_exp.analysis.reproduce import reproduce
+
+    tiny = [*TINY_DATA, "trainer.max_epochs=1", "seed=0"]
+    folder = reproduce("modular_experts", tmp_path, tiny, jobs=1)
+    runs = find_runs([folder])
+    assert len(runs) == 6 and all(r.status == "completed" for r in runs), [r.status for r in runs]
+    verdicts = json.loads((folder / "verdicts.json").read_text())
+    assert len(verdicts) == 6 and all(v["verdict"] != "not checked" for v in verdicts)
+    added = [r for r in runs if r.params.get("task_name") == "add_expert"]
+    assert added[0].summary["surgery/old_experts_unchanged"] == 3
+
+
+def test_an_ablation_may_name_the_parameter_columns_its_table_shows(tmp_path):
+    """Arms whose surgery, data and epochs change together: the table shows the arm only,
+    report.csv every swept key."""
+    spec = {"title": "Arms", "parameters": ["task_name"], "metrics": ["test/acc"]}
+    for arm, epochs in (("base", 5), ("grown", 2)):
+        overrides = [f"task_name={arm}", f"trainer.max_epochs={epochs}", "seed=0"]
+        write_run(tmp_path / "runs", arm, overrides, "completed", spec, **{"test/acc": 0.9})
+    table = build_report([tmp_path / "runs"], tmp_path / "out")
+    assert table["header"] == ["task_name", "test/acc", "n", "status"]
+    assert [row[0] for row in table["rows"]] == ["base", "grown"]
+    assert (tmp_path / "out" / "report.csv").read_text().startswith("task_name,trainer.max_epochs")
+    assert [p.name for p in table["plots"]] == ["test_acc_vs_task_name.png"]
