@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from timing import joint_step, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "moe-exp")
 
 
@@ -107,11 +106,7 @@ def bare_rate(epochs: int = 1) -> float:
     start = time.perf_counter()
     for _ in range(epochs):
         for x, y, _ in loader:
-            log_probs, routings = model(x)
-            loss = F.nll_loss(log_probs, y) + sum(sum(r.aux_losses.values()) for r in routings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            joint_step(model, optimizer, x, y)
             schedule.step()
     return n / (time.perf_counter() - start)
 
@@ -161,10 +156,7 @@ def main() -> None:
         + " ".join(f"{r:.3f}" for r in rates["round_ratios"])
         + ")"
     )
-    out = ROOT / "outputs" / "benchmarks" / "default_run.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result("default_run", result)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,12 @@ the median of the rounds' own ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from timing import joint_step, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
 CASES = {"default run": [], "ablation_balance": ["experiment=ablation_balance"]}
 
 
@@ -44,11 +41,7 @@ def step_time(overrides: list[str], channels_last: bool, threads: int, steps: in
     times = []
     for i in range(steps + 3):  # the first steps warm the allocator and kernels up
         start = time.perf_counter()
-        log_probs, routings = model(x)
-        loss = F.nll_loss(log_probs, y) + sum(sum(r.aux_losses.values()) for r in routings)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        joint_step(model, optimizer, x, y)
         if i >= 3:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -85,10 +78,7 @@ def main() -> None:
                 f"{1e3 * row['channels_last_s']:>18.1f}"
                 f"{row['ratio_channels_last_over_contiguous']:>8.3f}"
             )
-    out = ROOT / "outputs" / "benchmarks" / "memory_format.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_result("memory_format", results)
 
 
 if __name__ == "__main__":

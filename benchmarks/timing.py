@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: a steady allocator and interleaved timing.
+"""What the benchmark scripts share: a steady allocator, interleaved timing, the training step
+a bare loop takes, and where results are written.
 
 glibc's malloc unmaps and remaps big freed tensors every iteration, which can make a
 neighbouring measurement 10-60x slower; :func:`steady_malloc` re-executes the script with
@@ -7,10 +8,15 @@ that turned off. Import this module before torch.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parents[1] / "outputs" / "benchmarks"
 
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
@@ -34,3 +40,24 @@ def interleaved(
             if i >= warmup:
                 times[name].append(elapsed)
     return times
+
+
+def joint_step(model: Any, optimizer: Any, x: Any, y: Any) -> None:
+    """One joint training step of a mixture outside Lightning: task loss plus every MoE
+    layer's aux losses, backward, optimiser step."""
+    import torch.nn.functional as F
+
+    log_probs, routings = model(x)
+    loss = F.nll_loss(log_probs, y) + sum(sum(r.aux_losses.values()) for r in routings)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def write_result(name: str, result: Any) -> Path:
+    """``outputs/benchmarks/<name>.json``, printed where it went."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
