@@ -227,37 +227,43 @@ class InMemoryDataModule:
     def _drop_held_out(self, splits: dict[str, Split]) -> dict[str, Split]:
         """Train and val without the inputs whose latent (or label) takes a held-out value."""
         values = {"label": list(self.class_names), **self.latent_values}
-        keep = {}
-        for name in ("train", "val"):
-            split = splits[name]
-            held = torch.zeros(len(split), dtype=torch.bool)
-            for latent, names in self.hold_out.items():
-                if latent != "label" and latent not in self.discrete_latents:
-                    choices = ", ".join(["label", *self.discrete_latents])
-                    raise ConfigError(
-                        f"data.hold_out names {latent!r}, which this data does not have; "
-                        f"hold out by one of: {choices}"
-                    )
-                unknown = [v for v in names if v not in values[latent]]
-                if unknown:
-                    raise ConfigError(
-                        f"data.hold_out.{latent}={list(names)}: {', '.join(map(repr, unknown))} "
-                        f"not among its values ({', '.join(values[latent])})"
-                    )
+        codes = {}  # latent → the held-out values' codes, checked once for both splits
+        for latent, names in self.hold_out.items():
+            if latent != "label" and latent not in self.discrete_latents:
+                choices = ", ".join(["label", *self.discrete_latents])
+                raise ConfigError(
+                    f"data.hold_out names {latent!r}, which this data does not have; "
+                    f"hold out by one of: {choices}"
+                )
+            unknown = [v for v in names if v not in values[latent]]
+            if unknown:
+                raise ConfigError(
+                    f"data.hold_out.{latent}={list(names)}: {', '.join(map(repr, unknown))} "
+                    f"not among its values ({', '.join(values[latent])})"
+                )
+            codes[latent] = torch.tensor([values[latent].index(v) for v in names])
+
+        def held(split: Split) -> Tensor:
+            out = torch.zeros(len(split), dtype=torch.bool)
+            for latent, held_codes in codes.items():
                 column = (
                     split.labels
                     if latent == "label"
                     else split.latents[:, self.latent_names.index(latent)].long()
                 )
-                codes = torch.tensor([values[latent].index(v) for v in names])
-                held |= torch.isin(column, codes)
-            if bool(held.all()) and name == "train":
+                out |= torch.isin(column, held_codes)
+            return out
+
+        out = dict(splits)
+        for name in ("train", "val"):
+            drop = held(splits[name])
+            if name == "train" and bool(drop.all()):
                 raise ConfigError(
                     f"data.hold_out={self.hold_out} holds out every training input; "
                     "keep at least one value"
                 )
-            keep[name] = split.subset(torch.nonzero(~held).squeeze(1))
-        return {**splits, **keep}
+            out[name] = splits[name].subset(torch.nonzero(~drop).squeeze(1))
+        return out
 
     def _normalize(self, splits: dict[str, Split]) -> dict[str, Split]:
         """Standardise every split per channel with the training split's statistics."""
