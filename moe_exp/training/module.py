@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy
 
 from moe_exp.errors import ConfigError, DivergedError
 from moe_exp.moe import Routing, RoutingStats
@@ -36,25 +35,32 @@ DIVERGENCE_CHECK_EVERY = 20  # training steps between the host reads of the dive
 log = logging.getLogger("moe_exp")
 
 
-class WeightedMean(Metric):
-    """The mean of per-batch values weighted by batch size, as two sums on the device
-    (summed across processes by torchmetrics). torchmetrics' MeanMetric scans each update for
-    NaN, a host read per step, and with that scan disabled it drops the weights; the
-    divergence guard watches the loss for NaN instead."""
+class StepSums(Metric):
+    """A split's sums over an epoch: correct predictions, inputs, and each named step value
+    times its batch size (so a last, smaller batch counts for its size), in tensors on the
+    device that torchmetrics sums across processes. One update per step: a torchmetrics
+    metric per value costs an update call each, a large share of a small model's step, and
+    MeanMetric scans every update for NaN, a host read (the divergence guard watches the loss
+    for NaN instead)."""
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...]) -> None:
         super().__init__()
-        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("weight", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.names = names
+        for state, size in (("correct", ()), ("inputs", ()), ("totals", (len(names),))):
+            self.add_state(state, torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, value: Tensor, weight: int) -> None:
-        self.total += value.detach().double().sum() * weight
-        self.weight += weight
+    def update(self, log_probs: Tensor, y: Tensor, values: list[Tensor]) -> None:
+        n = y.shape[0]
+        self.correct += (log_probs.detach().argmax(-1) == y).sum()
+        self.inputs += n
+        if values:
+            self.totals += torch.stack([v.detach() for v in values]).double() * n
 
     def compute(self) -> Tensor:
-        return self.total / self.weight
+        """[correct, inputs, *totals], summed over processes."""
+        return torch.cat([self.correct.view(1), self.inputs.view(1), self.totals])
 
 
 class MoEClassifierModule(L.LightningModule):
@@ -81,13 +87,9 @@ class MoEClassifierModule(L.LightningModule):
         self.latents = dict(latents or {})
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
         self.router_lr, self.router_weight_decay = router_lr, router_weight_decay
-        self.accuracy = nn.ModuleDict(
-            {  # no input validation: it reads values on the host at every update
-                f"acc_{s}": MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-                for s in SPLITS
-            }
-        )
-        self.means = nn.ModuleDict()  # "{split}__{name}" → WeightedMean, created on first use
+        # "{split}_{i}" → StepSums, one per split and set of value names, made on first use
+        self.step_sums = nn.ModuleDict()
+        self._step_sums_keys: dict[tuple[str, tuple[str, ...]], str] = {}
         self.routing_stats: dict[str, list[RoutingStats]] = {s: [] for s in SPLITS}
         self.history: dict[str, list[dict[str, float]]] = {s: [] for s in (*SPLITS, "gap")}
         self._val_epoch = -1  # the epoch whose validation history["val"][-1] holds
@@ -160,31 +162,32 @@ class MoEClassifierModule(L.LightningModule):
     def record_step(
         self, split: str, log_probs: Tensor, y: Tensor, values: Mapping[str, Tensor]
     ) -> None:
-        """Accumulate a step's accuracy and scalar values; they are logged once per epoch.
-
-        torchmetrics accumulates (and syncs across processes); a ``self.log`` per value and
-        step would add Lightning's logging overhead to every step, a large share of a small
-        model's step.
-        """
-        self.accuracy[f"acc_{split}"].update(log_probs.detach(), y)
-        for name, value in values.items():
-            key = f"{split}__{name}"
-            if key not in self.means:
-                self.means[key] = WeightedMean().to(self.device)
-            self.means[key].update(value.detach(), weight=y.shape[0])
+        """Accumulate a step's accuracy and scalar values; they are logged once per epoch
+        (a ``self.log`` per value and step would add Lightning's logging to every step)."""
+        names = tuple(values)
+        key = self._step_sums_keys.get((split, names))
+        if key is None:  # a staged strategy's stages may log different values
+            key = self._step_sums_keys[split, names] = f"{split}_{len(self._step_sums_keys)}"
+            self.step_sums[key] = StepSums(names).to(self.device)
+        self.step_sums[key].update(log_probs, y, list(values.values()))
 
     def _log_epoch_means(self, split: str) -> dict[str, float]:
         """Log (and return) the epoch's accuracy and mean step values, then reset them."""
-        values: dict[str, float] = {}
-        accuracy = self.accuracy[f"acc_{split}"]
-        if accuracy.update_called:
-            values["acc"] = float(accuracy.compute())
-        accuracy.reset()
-        for key, metric in self.means.items():
-            name = key.split("__", 1)
-            if name[0] == split and metric.update_called:
-                values[name[1]] = float(metric.compute())
-                metric.reset()
+        correct = inputs = 0.0
+        totals: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for (metric_split, names), key in self._step_sums_keys.items():
+            metric = self.step_sums[key]
+            if metric_split != split or not metric.update_called:
+                continue
+            sums = metric.compute().tolist()  # the epoch's one transfer of these sums
+            metric.reset()
+            correct, inputs = correct + sums[0], inputs + sums[1]
+            for name, total in zip(names, sums[2:], strict=True):
+                totals[name] = totals.get(name, 0.0) + total
+                weights[name] = weights.get(name, 0.0) + sums[1]
+        values = {"acc": correct / inputs} if inputs else {}
+        values.update({name: totals[name] / weights[name] for name in totals})
         for name, value in values.items():
             self.log(f"{split}/{name}", value, prog_bar=name in ("acc", "loss"))
         return values
@@ -193,6 +196,17 @@ class MoEClassifierModule(L.LightningModule):
         if self.plan is not None:
             return self.plan.training_step(self, batch, batch_idx)
         return self.step_batch(batch, "train")
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """A batch of tensors goes straight to the device (a no-op on the CPU); Lightning's
+        generic walk through any nested collection costs ~65 Python calls a batch."""
+        if isinstance(batch, tuple | list) and all(isinstance(t, Tensor) for t in batch):
+            if all(t.device == device for t in batch):
+                return batch
+            return type(batch)(t.to(device, non_blocking=True) for t in batch)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         for module in self.frozen_modules:  # Lightning puts the whole model in train mode

@@ -59,11 +59,45 @@ def test_the_divergence_guard_reads_the_device_every_few_steps(monkeypatch):
 
 
 def test_epoch_means_weigh_each_batch_by_its_size():
-    """A last, smaller batch counts for its size (torchmetrics' MeanMetric without its NaN
-    scan would drop the weights)."""
-    from moe_exp.training.module import WeightedMean
+    """A last, smaller batch counts for its size, in the accuracy and in every value; values
+    of mixed dtypes (a bf16 loss beside float32 aux losses) sum in float64."""
+    from moe_exp.training.module import StepSums
 
-    mean = WeightedMean()
-    mean.update(torch.tensor(1.0), 1000)
-    mean.update(torch.tensor(3.0), 10)
-    assert abs(float(mean.compute()) - 1030 / 1010) < 1e-12
+    sums = StepSums(("loss", "aux"))
+    right = torch.tensor([[0.0, -9.0]]).repeat(1000, 1)  # predicts class 0
+    sums.update(right, torch.zeros(1000, dtype=torch.long), [torch.tensor(1.0), torch.tensor(2.0)])
+    sums.update(
+        right[:10],
+        torch.ones(10, dtype=torch.long),  # all wrong
+        [torch.tensor(3.0, dtype=torch.bfloat16), torch.tensor(4.0)],
+    )
+    correct, inputs, loss, aux = sums.compute().tolist()
+    assert (correct, inputs) == (1000, 1010)
+    assert abs(loss / inputs - 1030 / 1010) < 1e-12
+    assert abs(aux / inputs - 2040 / 1010) < 1e-12
+
+
+def test_a_stage_that_logs_other_values_keeps_each_values_own_mean():
+    """Staged strategies log extra values in some stages: each value's epoch mean is over
+    the batches that logged it, and the accuracy over all of them."""
+    _, module = build_components(compose_config(TINY))
+    logits = torch.tensor([[0.0, -9.0]])
+    zero, one = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long)
+    module.record_step("train", logits.repeat(3, 1), zero.repeat(3), {"loss": torch.tensor(1.0)})
+    module.record_step(
+        "train", logits, one, {"loss": torch.tensor(5.0), "gate_ce": torch.tensor(7.0)}
+    )
+    module.log = lambda *args, **kwargs: None  # outside a Trainer: nothing to log to
+    values = module._log_epoch_means("train")
+    assert values == {"acc": 0.75, "loss": (3 * 1.0 + 5.0) / 4, "gate_ce": 7.0}
+    assert module._log_epoch_means("train") == {}  # reset for the next epoch
+
+
+def test_a_batch_already_on_the_device_is_handed_on_as_it_is():
+    _, module = build_components(compose_config(TINY))
+    batch = (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1))
+    assert module.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    moved = module.transfer_batch_to_device([t.double() for t in batch], torch.device("cpu"), 0)
+    assert isinstance(moved, list) and moved[0].dtype == torch.float64
+    other = {"x": torch.zeros(1)}  # anything else: Lightning's own transfer
+    assert module.transfer_batch_to_device(other, torch.device("cpu"), 0)["x"].shape == (1,)
