@@ -8,6 +8,7 @@ its experts, so k > 1 and dense gates are measured without picking one "chosen" 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -125,11 +126,17 @@ class RoutingStats:
     a training step adds no device-to-host copy, and :meth:`compute` moves the sums to the
     host once (per epoch).
 
+    A batch's routing is queued and summed with the next ``FLUSH_EVERY`` batches' in one
+    pass: each of the ~50 tensor operations the sums take has a fixed dispatch cost, which
+    per batch is a few percent of a small model's training step (and a kernel launch each
+    on a GPU). Everything that reads the sums flushes the queue first.
+
     ``num_classes`` enables the expert × class table; ``latents`` maps a discrete latent
     attribute's name to (column in the latents tensor, number of values).
     """
 
     COUNTS = ("dropped", "experts_received", "unrouted", "entropy_sum")
+    FLUSH_EVERY = 32
 
     def __init__(
         self,
@@ -156,48 +163,84 @@ class RoutingStats:
         self.expert_correct, self.expert_seen = zeros(e), zeros(e)
         self.counts = zeros(len(self.COUNTS))  # summed on the device, read in compute()
         self.gate_entropies: list[Tensor] = []  # this process's, for histograms
+        self._queued: list[tuple[Routing, Tensor | None, Tensor | None]] = []
         self.assignments = 0  # sizes, known on the host without a copy
         self.inputs = 0
         self.entropy_count = 0
-
-    def _count(self, name: str, value: Tensor | int | float) -> None:
-        self.counts[self.COUNTS.index(name)] += value
 
     @torch.no_grad()
     def update(
         self, routing: Routing, labels: Tensor | None = None, latents: Tensor | None = None
     ) -> None:
+        """Queue a batch's routing (detached: the queue must not keep its graph alive)."""
+        kept = Routing(
+            routing.logits.detach(),
+            routing.probs.detach(),
+            routing.weights.detach(),
+            routing.indices,
+            dropped=routing.dropped,
+            expert_predictions=routing.expert_predictions,
+            # soft routing's mark (its load is its importance), without the [N, E, S] tensor
+            dispatch=None if routing.dispatch is None else routing.dispatch.detach()[:0],
+        )
+        self._queued.append((kept, labels, latents))
+        if len(self._queued) >= self.FLUSH_EVERY:
+            self._flush()
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        """Add the queued batches to the sums, concatenated into one routing."""
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
+        routings = [r for r, _, _ in queued]
+        routing = _concatenated(routings)
+        labels = [y for _, y, _ in queued]
+        latents = [z for _, _, z in queued]
+        self._add(
+            routing,
+            torch.cat(labels) if labels[0] is not None else None,
+            torch.cat(latents) if latents[0] is not None else None,
+        )
+
+    def _add(self, routing: Routing, labels: Tensor | None, latents: Tensor | None) -> None:
         device = routing.weights.device
         if self.load.device != device:  # the first batch says where the sums live
             self.reset(device)
-        gates = routing.gates().detach().double()  # importance = its column sums
-        self.load += routing.load().detach().double()
+        gates = routing.gates().double()  # importance = its column sums
+        self.load += routing.load().double()
         self.importance += gates.sum(0)
-        self._count("dropped", routing.dropped)
         self.assignments += routing.indices.numel()
         received = routing.experts_per_input()
         self.inputs += received.numel()
-        self._count("experts_received", received.sum())
-        self._count("unrouted", (received == 0).sum())
-        entropies = gate_entropy(routing.probs.detach()).float()
+        entropies = gate_entropy(routing.probs).float()
         self.gate_entropies.append(entropies)
-        self._count("entropy_sum", entropies.double().sum())
         self.entropy_count += entropies.numel()
+        # the four counts in one addition
+        self.counts += torch.stack(
+            [
+                torch.full((), routing.dropped, dtype=torch.float64, device=device),
+                received.sum().double(),
+                (received == 0).sum().double(),
+                entropies.double().sum(),
+            ]
+        )
         n = gates.shape[0]
         if self.num_classes and labels is not None:
-            y = _per_input(labels.detach(), n)
+            y = _per_input(labels, n)
             self.class_mass.index_add_(1, y, gates.T)
             if routing.expert_predictions is not None:
-                rows, experts, predicted = (t.detach() for t in routing.expert_predictions)
+                rows, experts, predicted = routing.expert_predictions
                 correct = (predicted == y[rows]).double()
                 self.expert_correct.index_add_(0, experts, correct)
                 self.expert_seen.index_add_(0, experts, torch.ones_like(correct))
         if latents is not None:
             for name, (column, _) in self.latents.items():
-                values = _per_input(latents[:, column].detach().long(), n)
+                values = _per_input(latents[:, column].long(), n)
                 self.latent_mass[name].index_add_(1, values, gates.T)
 
     def _sums(self) -> list[Tensor]:
+        self._flush()
         return [self.load, self.importance, self.class_mass, self.expert_correct,
                 self.expert_seen, *self.latent_mass.values(), self.counts]  # fmt: skip
 
@@ -209,6 +252,7 @@ class RoutingStats:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
+        self._flush()  # the host-side sizes below are counted as the queue is summed
         sizes = torch.tensor(
             [self.assignments, self.inputs, self.entropy_count], dtype=torch.float64
         )
@@ -224,8 +268,9 @@ class RoutingStats:
     def host(self) -> RoutingStats:
         """A copy with every sum on the host (one transfer), for compute and plots."""
         copy = RoutingStats.__new__(RoutingStats)
+        sums = self._sums()  # flushes the queue
         copy.__dict__.update(self.__dict__)
-        copy.load, copy.importance, copy.class_mass = (t.cpu() for t in self._sums()[:3])
+        copy.load, copy.importance, copy.class_mass = (t.cpu() for t in sums[:3])
         copy.expert_correct, copy.expert_seen = self.expert_correct.cpu(), self.expert_seen.cpu()
         copy.latent_mass = {k: v.cpu() for k, v in self.latent_mass.items()}
         copy.counts = self.counts.cpu()
@@ -234,6 +279,7 @@ class RoutingStats:
 
     def compute(self) -> dict[str, float]:
         """Scalar metrics plus per-expert ``load_e{i}`` and ``importance_e{i}`` fractions."""
+        self._flush()
         if self.load.device.type != "cpu":
             return self.host().compute()
         dropped, received, unrouted, entropy_sum = self.counts.tolist()
@@ -257,3 +303,31 @@ class RoutingStats:
         for name, mass in self.latent_mass.items():
             out[f"nmi_{name}"] = normalized_mutual_information(mass)
         return out
+
+
+def _concatenated(routings: list[Routing]) -> Routing:
+    """One routing of the batches one after another; each batch's expert-prediction rows
+    shifted to its place in the concatenation."""
+    if len(routings) == 1:
+        return routings[0]
+    first = routings[0]
+    predictions = None
+    if all(r.expert_predictions is not None for r in routings):
+        offsets = [0]
+        for r in routings[:-1]:
+            offsets.append(offsets[-1] + r.weights.shape[0])
+        rows, experts, predicted = zip(*(r.expert_predictions for r in routings), strict=True)
+        predictions = (
+            torch.cat([r + offset for r, offset in zip(rows, offsets, strict=True)]),
+            torch.cat(experts),
+            torch.cat(predicted),
+        )
+    return dataclasses.replace(
+        first,
+        logits=torch.cat([r.logits for r in routings]),
+        probs=torch.cat([r.probs for r in routings]),
+        weights=torch.cat([r.weights for r in routings]),
+        indices=torch.cat([r.indices for r in routings]),
+        dropped=sum(r.dropped for r in routings),
+        expert_predictions=predictions,
+    )

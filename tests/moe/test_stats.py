@@ -153,3 +153,57 @@ def test_per_expert_accuracy_on_routed_inputs():
     out = stats.compute()
     assert out["acc_e0"] == 1.0  # predicted 5 for label 5, 2 for label 2
     assert out["acc_e1"] == 0.5  # right on input 1 (label 1), wrong on input 2 (label 0)
+
+
+def _assert_same(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert math.isclose(got[key], value, rel_tol=1e-12, abs_tol=1e-12), key
+
+
+def test_queued_batches_sum_to_what_batch_by_batch_sums_give():
+    """The statistics queue batches and sum them together; the result is the same as
+    summing each batch as it comes, expert predictions and latents included, and a read
+    in the middle (compute) sees every batch so far."""
+    torch.manual_seed(0)
+    e, classes = 4, 3
+    batches = []
+    for n in (5, 7, 1, 6, 5):
+        logits = torch.randn(n, e)
+        probs = logits.softmax(-1)
+        weights, indices = probs.topk(2, -1)
+        indices[0, 1] = -1  # a dropped assignment
+        rows = torch.arange(n).repeat_interleave(2)[indices.reshape(-1) >= 0]
+        experts = indices.reshape(-1)[indices.reshape(-1) >= 0]
+        routing = Routing(logits, probs, weights, indices, dropped=1)
+        routing.expert_predictions = (rows, experts, torch.randint(classes, (rows.numel(),)))
+        batches.append((routing, torch.randint(classes, (n,)), torch.randint(2, (n, 2)).float()))
+    latents = {"colour": (1, 2)}
+    one_by_one = RoutingStats(e, classes, latents)
+    one_by_one.FLUSH_EVERY = 1
+    queued = RoutingStats(e, classes, latents)
+    queued.FLUSH_EVERY = 3
+    for i, (routing, y, z) in enumerate(batches):
+        one_by_one.update(routing, y, z)
+        queued.update(routing, y, z)
+        if i == 3:
+            _assert_same(queued.compute(), one_by_one.compute())
+    expected, got = one_by_one.compute(), queued.compute()
+    _assert_same(got, expected)
+    torch.testing.assert_close(
+        queued.host().latent_mass["colour"], one_by_one.latent_mass["colour"]
+    )
+    torch.testing.assert_close(
+        torch.cat(queued.gate_entropies), torch.cat(one_by_one.gate_entropies)
+    )
+    assert got["dropped_fraction"] == 5 / sum(2 * r.weights.shape[0] for r, _, _ in batches)
+
+
+def test_the_queue_holds_no_autograd_graph():
+    logits = torch.randn(4, 2, requires_grad=True)
+    probs = logits.softmax(-1)
+    weights, indices = probs.topk(1, -1)
+    stats = RoutingStats(2)
+    stats.update(Routing(logits, probs, weights, indices))
+    ((queued, _, _),) = stats._queued
+    assert not any(t.requires_grad for t in (queued.logits, queued.probs, queued.weights))
