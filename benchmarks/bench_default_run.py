@@ -4,8 +4,9 @@ Prints a table and writes outputs/benchmarks/default_run.json. Two parts:
 1. `moe-exp` with no overrides, as a user runs it (start-up included): wall time, test
    accuracy, per-expert test load, repeated --repeats times.
 2. Training throughput (samples/s) of the default model and data: Lightning's fit loop
-   vs a bare PyTorch loop doing the same steps, interleaved (the first of the two
-   alternating), the median of --rounds paired ratios.
+   vs a bare PyTorch loop doing the same steps, paired step by step (PairedSteps) over
+   --rounds one-epoch fits; the ratio is the median of the pairs' ratios, and Lightning's
+   fixed cost per fit (setup, epoch end, teardown) is reported beside it.
 """
 
 from __future__ import annotations
@@ -61,80 +62,142 @@ def _build(seed: int = 0):
     return (cfg, *build_components(cfg))
 
 
-def lightning_rate(epochs: int = 1) -> float:
-    """Samples/s of Lightning's fit loop on the default model and data."""
+class PairedSteps:
+    """A Lightning callback that, after each Lightning training step, runs one step of a bare
+    PyTorch loop on a twin of the model (same initial weights, optimiser and schedule, its
+    own pass over the same data) and times both. Pairing at the step keeps the machine's
+    drift out of the ratio: the two steps of a pair run within a tenth of a second of each
+    other. A Lightning step is the time between two batch starts less the bare step run in
+    between, so it holds everything Lightning and the module do per batch (data fetch,
+    hooks, the training step, metrics, routing statistics, progress bar, optimiser, schedule).
+    """
+
+    def __init__(self, cfg, module, datamodule) -> None:
+        import copy
+
+        from moe_exp.training.optim import adamw
+
+        self.model = copy.deepcopy(module.model).train()
+        self.optimizer = adamw(
+            [
+                {
+                    "params": list(self.model.parameters()),
+                    "lr": cfg.optim.lr,
+                    "weight_decay": cfg.optim.weight_decay,
+                }
+            ]
+        )
+        loader = datamodule.train_dataloader()
+        self.schedule = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, cfg.optim.lr, total_steps=len(loader)
+        )
+        self.batches = iter(loader)
+        self.lightning: list[float] = []
+        self.bare: list[float] = []
+        self.sizes: list[int] = []
+        self.times: dict[str, float] = {}
+        self._batch_start: float | None = None
+        self._bare_seconds = 0.0
+
+    def bare_step(self) -> float:
+        start = time.perf_counter()
+        x, y, _ = next(self.batches)
+        joint_step(self.model, self.optimizer, x, y)
+        self.schedule.step()
+        return time.perf_counter() - start
+
+    def as_callback(self):
+        import lightning as L
+
+        paired = self
+
+        class _Callback(L.Callback):
+            def on_train_start(self, trainer, module) -> None:
+                paired.times["train_start"] = time.perf_counter()
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+                now = time.perf_counter()
+                if paired._batch_start is not None:
+                    paired.lightning.append(now - paired._batch_start - paired._bare_seconds)
+                else:
+                    paired.times["first_batch"] = now
+                paired._batch_start = now
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+                paired.sizes.append(int(batch[1].shape[0]))
+                paired._bare_seconds = paired.bare_step()
+                paired.bare.append(paired._bare_seconds)
+                paired.times["last_batch_end"] = time.perf_counter()
+
+        return _Callback()
+
+
+def paired_round() -> dict:
+    """One epoch of Lightning's fit on the default model and data, each step paired with a
+    bare step; per-step seconds of both, and Lightning's fixed costs around the steps."""
     import lightning as L
 
     from moe_exp.training.callbacks import LineProgressBar
 
-    _, datamodule, module = _build()
-    n = len(datamodule.splits["train"]) * epochs
+    cfg, datamodule, module = _build()
+    paired = PairedSteps(cfg, module, datamodule)
     trainer = L.Trainer(
-        max_epochs=epochs,
+        max_epochs=1,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         limit_val_batches=0,
         enable_model_summary=False,
-        callbacks=[LineProgressBar(marks=1)],
+        callbacks=[paired.as_callback(), LineProgressBar(marks=1)],
     )
-    start = time.perf_counter()
+    called = time.perf_counter()
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
-    return n / (time.perf_counter() - start)
-
-
-def bare_rate(epochs: int = 1) -> float:
-    """Samples/s of a bare PyTorch loop doing the same steps (same optimiser and schedule)."""
-    from moe_exp.training.optim import adamw
-
-    cfg, datamodule, module = _build()
-    n = len(datamodule.splits["train"]) * epochs
-    model = module.model.train()
-    optimizer = adamw(
-        [
-            {
-                "params": list(model.parameters()),
-                "lr": cfg.optim.lr,
-                "weight_decay": cfg.optim.weight_decay,
-            }
-        ]
-    )
-    loader = datamodule.train_dataloader()
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, cfg.optim.lr, total_steps=len(loader) * epochs
-    )
-    start = time.perf_counter()
-    for _ in range(epochs):
-        for x, y, _ in loader:
-            joint_step(model, optimizer, x, y)
-            schedule.step()
-    return n / (time.perf_counter() - start)
+    returned = time.perf_counter()
+    t = paired.times
+    # the last step has no next batch start to end it: it is left out of the pairs
+    return {
+        "lightning_s": paired.lightning,
+        "bare_s": paired.bare[: len(paired.lightning)],
+        "batch_sizes": paired.sizes,
+        "fit_start_s": t["first_batch"] - called,  # setup, hooks, first fetch
+        "fit_end_s": returned - t["last_batch_end"],  # epoch-end metrics, teardown
+    }
 
 
 def throughput(rounds: int) -> dict:
-    """Both loops once per round, the one that goes first alternating (so neither always
-    gets the warmer or the cooler machine); the ratio is the median of the rounds' own
-    Lightning / bare ratios, since the machine's speed drifts between rounds."""
-    pairs = []
-    for i in range(rounds):
-        if i % 2 == 0:
-            pairs.append((lightning_rate(), bare_rate()))
-        else:
-            bare = bare_rate()
-            pairs.append((lightning_rate(), bare))
+    """Paired steps over ``rounds`` one-epoch fits (the first step of each left out as
+    warm-up). The ratio is the median of the per-step bare / Lightning ratios; the epoch
+    ratio adds Lightning's fixed costs around the steps (setup before the first batch,
+    epoch end and teardown after the last), as a one-epoch fit pays them."""
+    lightning, bare, fixed, epoch_ratios, samples = [], [], [], [], 0
+    for _ in range(rounds):
+        r = paired_round()
+        lightning += r["lightning_s"][1:]
+        bare += r["bare_s"][1:]
+        samples += sum(r["batch_sizes"][1:])
+        fixed.append(r["fit_start_s"] + r["fit_end_s"])
+        whole = sum(r["lightning_s"]) + r["fit_start_s"] + r["fit_end_s"]
+        epoch_ratios.append(sum(r["bare_s"]) / whole)
+    step_ratios = [b / light for b, light in zip(bare, lightning, strict=True)]
     return {
-        "lightning_samples_s": statistics.median(p[0] for p in pairs),
-        "bare_samples_s": statistics.median(p[1] for p in pairs),
-        "ratio": statistics.median(p[0] / p[1] for p in pairs),
-        "round_ratios": [p[0] / p[1] for p in pairs],
-        "rounds": pairs,
+        "lightning_samples_s": samples / sum(lightning),
+        "bare_samples_s": samples / sum(bare),
+        "ratio": statistics.median(step_ratios),
+        "ratio_iqr": [statistics.quantiles(step_ratios, n=4)[i] for i in (0, 2)],
+        "pairs": len(step_ratios),
+        "lightning_step_ms": 1e3 * statistics.median(lightning),
+        "bare_step_ms": 1e3 * statistics.median(bare),
+        # what Lightning and the module add to a step: the median of the pairs' differences
+        "overhead_ms": 1e3 * statistics.median(a - b for a, b in zip(lightning, bare, strict=True)),
+        "fixed_s_per_fit": fixed,
+        "epoch_ratios": epoch_ratios,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="default runs end to end")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved throughput rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="one-epoch fits of paired steps")
     parser.add_argument("--skip-run", action="store_true", help="only measure throughput")
     args = parser.parse_args()
 
@@ -149,12 +212,16 @@ def main() -> None:
                 + " ".join(f"{v:.3f}" for v in r["test_loads"])
             )
     result["throughput"] = rates = throughput(args.rounds)
+    lo, hi = rates["ratio_iqr"]
     print(
         f"train throughput: Lightning {rates['lightning_samples_s']:.0f}/s, bare loop "
-        f"{rates['bare_samples_s']:.0f}/s (medians); Lightning / bare {rates['ratio']:.3f} "
-        f"(median of {args.rounds} paired rounds: "
-        + " ".join(f"{r:.3f}" for r in rates["round_ratios"])
-        + ")"
+        f"{rates['bare_samples_s']:.0f}/s; per step {rates['lightning_step_ms']:.1f} vs "
+        f"{rates['bare_step_ms']:.1f} ms (medians)\n"
+        f"Lightning / bare {rates['ratio']:.3f} (median of {rates['pairs']} paired steps, "
+        f"quartiles {lo:.3f}-{hi:.3f}); with Lightning's fixed cost per fit ("
+        + ", ".join(f"{s:.2f}" for s in rates["fixed_s_per_fit"])
+        + " s) a one-epoch fit is "
+        + " ".join(f"{r:.3f}" for r in rates["epoch_ratios"])
     )
     write_result("default_run", result)
 
