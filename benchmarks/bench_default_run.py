@@ -47,8 +47,8 @@ def default_run(overrides: list[str]) -> dict:
     }
 
 
-def _build(seed: int = 0):
-    """The default config, its datamodule and module, seeded (the same for both loops)."""
+def _build(seed: int = 0, overrides: tuple[str, ...] = ()):
+    """The default config (or with ``overrides``), its datamodule and module, seeded."""
     import lightning as L
 
     from moe_exp.app.build import build_components
@@ -56,7 +56,7 @@ def _build(seed: int = 0):
     from moe_exp.app.run import quiet_lightning
 
     quiet_lightning()
-    cfg = compose()
+    cfg = compose(list(overrides))
     torch.set_num_threads(cfg.threads)
     L.seed_everything(seed, verbose=False)
     return (cfg, *build_components(cfg))
@@ -132,14 +132,14 @@ class PairedSteps:
         return _Callback()
 
 
-def paired_round() -> dict:
+def paired_round(overrides: tuple[str, ...] = ()) -> dict:
     """One epoch of Lightning's fit on the default model and data, each step paired with a
     bare step; per-step seconds of both, and Lightning's fixed costs around the steps."""
     import lightning as L
 
     from moe_exp.training.callbacks import LineProgressBar
 
-    cfg, datamodule, module = _build()
+    cfg, datamodule, module = _build(overrides=overrides)
     paired = PairedSteps(cfg, module, datamodule)
     trainer = L.Trainer(
         max_epochs=1,
@@ -164,14 +164,14 @@ def paired_round() -> dict:
     }
 
 
-def throughput(rounds: int) -> dict:
+def throughput(rounds: int, overrides: tuple[str, ...] = ()) -> dict:
     """Paired steps over ``rounds`` one-epoch fits (the first step of each left out as
     warm-up). The ratio is the median of the per-step bare / Lightning ratios; the epoch
     ratio adds Lightning's fixed costs around the steps (setup before the first batch,
     epoch end and teardown after the last), as a one-epoch fit pays them."""
     lightning, bare, fixed, epoch_ratios, samples = [], [], [], [], 0
     for _ in range(rounds):
-        r = paired_round()
+        r = paired_round(overrides)
         lightning += r["lightning_s"][1:]
         bare += r["bare_s"][1:]
         samples += sum(r["batch_sizes"][1:])
