@@ -71,11 +71,19 @@ def gate_features(
 
 
 def compute_scaling(
-    results: Results, sparse: str = "noisy_topk", dense: str = "softmax", spread: float = 0.2
+    results: Results,
+    sparse: str = "noisy_topk",
+    dense: str = "softmax",
+    spread: float = 0.2,
+    trained: float = 0.9,
 ) -> list[Verdict]:
     """The efficiency claim of sparse gating (Shazeer et al. 2017): a top-k gate runs k
     experts per input, so active compute stays flat as experts are added while a dense-all
-    gate's grows linearly, and training throughput stays within ``spread`` across E."""
+    gate's grows linearly, and training throughput stays within ``spread`` across E.
+
+    Accuracy is compared only where both gates reach ``trained`` test accuracy at every E:
+    models that are still learning differ by how fast they learn, not by what they can
+    reach, so that comparison is left *not checked*."""
     sizes = results.values("experts")
     if len(sizes) < 2 or not {sparse, dense} <= set(results.values("gate")):
         return [
@@ -104,6 +112,27 @@ def compute_scaling(
     dense_per_expert = [flops[dense][e] / float(e) for e in sizes]
     slowest = min(speed.values()) / max(speed.values())
     gaps = {e: acc[dense][e] - acc[sparse][e] for e in sizes}
+    accuracy_claim = f"{sparse} is within 1 point of {dense}'s test accuracy at every E"
+    accuracy_evidence = (
+        f"test/acc {sparse} {row(acc[sparse], digits=4)}; {dense} {row(acc[dense], digits=4)}"
+        + (
+            f"; dense baseline of equal active FLOPs {row(baseline, digits=4)}"
+            if not all(math.isnan(v) for v in baseline.values())
+            else ""
+        )
+    )
+    lowest = min(min(acc[g].values()) for g in (sparse, dense))
+    if lowest < trained:  # (with runs missing, either branch says not checked)
+        accuracy = Verdict(
+            accuracy_claim,
+            None,
+            f"{accuracy_evidence} (under-trained: the lowest is {lowest:.4f}, under the "
+            f"{trained:.2f} this comparison needs; train longer to check it)",
+        )
+    else:
+        accuracy = _verdict(
+            accuracy_claim, gaps.values(), lambda: max(gaps.values()) <= 0.01, accuracy_evidence
+        )
     return [
         _verdict(
             f"{sparse}: active FLOPs per input stay flat in E (largest within 10 % of smallest)",
@@ -124,17 +153,7 @@ def compute_scaling(
             lambda: slowest >= 1 - spread,
             f"samples/s {row(speed, digits=0)} (slowest {100 * slowest:.0f} % of fastest)",
         ),
-        _verdict(
-            f"{sparse} is within 1 point of {dense}'s test accuracy at every E",
-            gaps.values(),
-            lambda: max(gaps.values()) <= 0.01,
-            f"test/acc {sparse} {row(acc[sparse], digits=4)}; {dense} {row(acc[dense], digits=4)}"
-            + (
-                f"; dense baseline of equal active FLOPs {row(baseline, digits=4)}"
-                if not all(math.isnan(v) for v in baseline.values())
-                else ""
-            ),
-        ),
+        accuracy,
     ]
 
 

@@ -314,6 +314,12 @@ def test_compute_scaling_reads_flops_throughput_and_accuracy_per_expert_count(tm
     assert linear.holds and "E=32: 161.0" in linear.evidence
     assert not speed.holds and "slowest 70 % of fastest" in speed.evidence
     assert accuracy.holds  # 0.5 points apart
+    for run in tmp_path.glob("s32-*"):  # the sparse E=32 mixture still learning
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "test/acc": 0.30}))
+    *_, undecided = compute_scaling(results_of(tmp_path))
+    assert undecided.holds is None and undecided.label == "not checked"
+    assert "under-trained: the lowest is 0.3000, under the 0.90" in undecided.evidence
 
 
 MODULAR = {  # arm → (old colours' accuracy, yellow's accuracy, fit s, old experts unchanged)
