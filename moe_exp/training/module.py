@@ -22,45 +22,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from moe_exp.errors import ConfigError, DivergedError
 from moe_exp.moe import Routing, RoutingStats
 from moe_exp.training.optim import adamw, make_schedule, router_parameters
+from moe_exp.training.step_sums import StepSums
 
 SPLITS = ("train", "val", "test")
 EXAMPLES_PER_EXPERT = 8
 EPOCH_LINE_VAL_KEYS = ("loss", "acc", "cv_load", "max_mean_load")
 DIVERGENCE_CHECK_EVERY = 20  # training steps between the host reads of the divergence guard
 log = logging.getLogger("moe_exp")
-
-
-class StepSums(Metric):
-    """A split's sums over an epoch: correct predictions, inputs, and each named step value
-    times its batch size (so a last, smaller batch counts for its size), in tensors on the
-    device that torchmetrics sums across processes. One update per step: a torchmetrics
-    metric per value costs an update call each, a large share of a small model's step, and
-    MeanMetric scans every update for NaN, a host read (the divergence guard watches the loss
-    for NaN instead)."""
-
-    full_state_update = False
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.names = names
-        for state, size in (("correct", ()), ("inputs", ()), ("totals", (len(names),))):
-            self.add_state(state, torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, log_probs: Tensor, y: Tensor, values: list[Tensor]) -> None:
-        n = y.shape[0]
-        self.correct += (log_probs.detach().argmax(-1) == y).sum()
-        self.inputs += n
-        if values:
-            self.totals += torch.stack([v.detach() for v in values]).double() * n
-
-    def compute(self) -> Tensor:
-        """[correct, inputs, *totals], summed over processes."""
-        return torch.cat([self.correct.view(1), self.inputs.view(1), self.totals])
 
 
 class MoEClassifierModule(L.LightningModule):

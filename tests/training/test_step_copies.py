@@ -61,7 +61,7 @@ def test_the_divergence_guard_reads_the_device_every_few_steps(monkeypatch):
 def test_epoch_means_weigh_each_batch_by_its_size():
     """A last, smaller batch counts for its size, in the accuracy and in every value; values
     of mixed dtypes (a bf16 loss beside float32 aux losses) sum in float64."""
-    from moe_exp.training.module import StepSums
+    from moe_exp.training.step_sums import StepSums
 
     sums = StepSums(("loss", "aux"))
     right = torch.tensor([[0.0, -9.0]]).repeat(1000, 1)  # predicts class 0
