@@ -154,8 +154,8 @@ def test_overfitting_verdict_reads_the_small_set_and_ignores_the_dense_runs(tmp_
     assert not regularises.holds  # the gap shrank, but so did val/acc (0.80 → 0.77)
 
 
-def test_the_overfitting_preset_adds_its_dense_baseline_sweep(tmp_path):
-    main, dense = sweeps("ablation_overfitting", tmp_path, ["seed=3"])
+def test_the_overfitting_preset_adds_its_dense_baselines_and_small_set_seeds(tmp_path):
+    main, dense, seeds = sweeps("ablation_overfitting", tmp_path, ["seed=3"])
     assert main == [
         "experiment=ablation_overfitting",
         f"hydra.sweep.dir={tmp_path}",
@@ -166,6 +166,14 @@ def test_the_overfitting_preset_adds_its_dense_baseline_sweep(tmp_path):
         f"hydra.sweep.dir={tmp_path / 'also0'}",
         "model=dense_flops,dense_params",
         "experts=4",
+        "plots=false",
+        "seed=3",
+    ]
+    # the cells that decide the first two claims get more seeds (the user's seed still wins)
+    assert seeds[2:] == [
+        "data.train_fraction=0.05",
+        "expert.dropout=0.0",
+        "seed=2,3,4",
         "plots=false",
         "seed=3",
     ]
