@@ -38,10 +38,13 @@ def presets() -> list[str]:
 
 def sweeps(preset: str, folder: Path, extra: Sequence[str] = (), jobs: int = 1) -> list[list[str]]:
     """The ``moe-exp`` argument lists for the preset's main sweep and its ``also`` sweeps,
-    ``jobs`` at a time."""
+    ``jobs`` at a time, or fewer where the preset's ``ablation.jobs`` says so (a claim on
+    training speed needs each run alone on the machine: side by side, a job's speed
+    depends on what its neighbour is doing)."""
     from moe_exp.app.compose import compose
 
     ablation = compose([f"experiment={preset}"]).get("ablation", {})
+    jobs = min(jobs, ablation.get("jobs") or jobs)
     also = ablation.get("also") or []
     launcher = ["hydra/launcher=parallel", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
     pictures = [] if ablation.get("plots") else ["plots=false"]

@@ -184,6 +184,9 @@ def test_sweeps_run_side_by_side_and_keep_the_pictures_a_preset_asks_for(tmp_pat
     assert main[2:] == ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "plots=false"]
     (main,) = sweeps("shape_colour_specialisation", tmp_path, jobs=2)
     assert "plots=false" not in main
+    # a preset whose claim compares training speed runs one job at a time
+    main, baselines = sweeps("compute_scaling", tmp_path, jobs=2)
+    assert not any("launcher" in arg for arg in [*main, *baselines])
 
 
 def test_spearman_rank_correlation():
