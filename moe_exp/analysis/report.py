@@ -319,22 +319,40 @@ def _write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
+MAX_LINES = 8  # lines a report plot draws; beyond, it shows the mean over the other keys
+
+
 def _plots(groups: list[Group], swept: list[str], metrics: Sequence[str], out: Path) -> list[Path]:
+    """A metric against each swept parameter, a line per combination of the others: averaged
+    over them, a plot would mix arms that the table keeps apart (compute_scaling's samples/s
+    of the sparse and the dense-all gates in one point)."""
     from moe_exp.measure.plots import metric_vs_parameter
 
     paths = []
     for parameter in swept:
-        by_value: dict[str, Group] = defaultdict(lambda: Group({}))
+        others = [p for p in swept if p != parameter]
+        lines: dict[str, dict[str, Group]] = defaultdict(lambda: defaultdict(lambda: Group({})))
         for g in groups:
-            by_value[g.params[parameter]].runs += g.runs
+            label = ", ".join(f"{p}={g.params[p]}" for p in others)
+            lines[label][g.params[parameter]].runs += g.runs
+        if len(lines) > MAX_LINES:
+            merged: dict[str, Group] = defaultdict(lambda: Group({}))
+            for by_value in lines.values():
+                for x, g in by_value.items():
+                    merged[x].runs += g.runs
+            lines = {f"mean over {', '.join(others)}": merged}
+        xs = sorted({x for by_value in lines.values() for x in by_value}, key=value_order)
         for metric in metrics:
-            stats = {x: by_value[x].stats(metric) for x in sorted(by_value, key=value_order)}
-            xs = [x for x, (_, _, n) in stats.items() if n]
-            if not xs:
+            points = {}
+            for label, by_value in lines.items():
+                stats = {x: g.stats(metric) for x, g in by_value.items()}
+                kept = {x: (mean, std) for x, (mean, std, n) in stats.items() if n}
+                if kept:
+                    points[label] = kept
+            if not points:
                 continue
-            means, stds = [stats[x][0] for x in xs], [stats[x][1] for x in xs]
             name = f"{metric.replace('/', '_')}_vs_{parameter.replace('/', '_')}.png"
-            paths.append(metric_vs_parameter(xs, means, stds, metric, parameter, out / name))
+            paths.append(metric_vs_parameter(xs, points, metric, parameter, out / name))
     return paths
 
 

@@ -129,20 +129,33 @@ def examples_grid(examples: Mapping[int, Sequence[Tensor]], path: Path) -> Path:
 
 def metric_vs_parameter(
     xs: Sequence[str],
-    means: Sequence[float],
-    stds: Sequence[float],
+    lines: Mapping[str, Mapping[str, tuple[float, float]]],
     metric: str,
     parameter: str,
     path: Path,
 ) -> Path:
-    """One report plot: a metric (mean ± std over seeds) against one swept parameter."""
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(xs) + 2), 3.2))
-    ax.errorbar(range(len(xs)), means, yerr=stds, marker="o", capsize=3, linestyle="-")
+    """One report plot: a metric (mean ± std over seeds) against one swept parameter, one line
+    per combination of the other swept parameters (``lines``: label → x → (mean, std))."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(xs) + 2), 3.2 + 0.2 * (len(lines) > 1)))
+    position = {x: i for i, x in enumerate(xs)}
+    for label, points in lines.items():
+        at = [x for x in xs if x in points]
+        ax.errorbar(
+            [position[x] for x in at],
+            [points[x][0] for x in at],
+            yerr=[points[x][1] for x in at],
+            marker="o",
+            capsize=3,
+            linestyle="-",
+            label=label or None,
+        )
     ax.set_xticks(range(len(xs)), labels=list(xs), rotation=30 if len(xs) > 4 else 0)
     ax.set_xlabel(parameter)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {parameter}")
     ax.grid(alpha=0.3)
+    if len(lines) > 1:
+        ax.legend(fontsize=6, loc="best")
     return _save(fig, path)
 
 

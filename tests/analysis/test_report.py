@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from moe_exp.analysis.report import (
     build_report,
     find_runs,
@@ -82,3 +84,43 @@ def test_the_terminal_table_prints_list_values_as_they_are(capsys):
     print_table(table, "grid [a]")
     out = capsys.readouterr().out
     assert "[0.1,0.1]" in out and "[new,gate]" in out and "grid [a]" in out
+
+
+def test_a_report_plot_draws_a_line_per_arm_never_their_mean(tmp_path, monkeypatch):
+    """With two keys swept, a metric against one of them is a line per value of the other
+    (each point a cell's mean over seeds): averaged, compute_scaling's sparse and dense-all
+    throughputs would read as one number."""
+    import moe_exp.measure.plots as plots
+    from moe_exp.analysis import report
+
+    drawn = {}
+
+    def draw(xs, lines, metric, parameter, path):
+        drawn[metric, parameter] = (xs, lines)
+        return path
+
+    monkeypatch.setattr(plots, "metric_vs_parameter", draw)
+    for gate, speed in (("sparse", 100.0), ("dense", 10.0)):
+        for e in ("2", "8"):
+            for seed in ("0", "1"):
+                folder = tmp_path / f"{gate}-{e}-{seed}"
+                folder.mkdir()
+                overrides = [f"gate={gate}", f"experts={e}", f"seed={seed}"]
+                summary = {
+                    "overrides": overrides,
+                    "status": "completed",
+                    "speed": speed + int(seed),
+                }
+                (folder / "summary.json").write_text(json.dumps(summary))
+    runs = find_runs([tmp_path])
+    groups = report.group_runs(runs, ["experts", "gate"])
+    report._plots(groups, ["experts", "gate"], ["speed"], tmp_path / "plots")
+    xs, lines = drawn["speed", "experts"]
+    assert xs == ["2", "8"] and set(lines) == {"gate=sparse", "gate=dense"}
+    assert lines["gate=sparse"]["8"] == (100.5, pytest.approx(0.7071, abs=1e-4))
+    assert lines["gate=dense"]["2"][0] == 10.5
+    # too many arms for one plot: the mean over them, and the title of the line says so
+    monkeypatch.setattr(report, "MAX_LINES", 1)
+    report._plots(groups, ["experts", "gate"], ["speed"], tmp_path / "plots")
+    (label,) = drawn["speed", "experts"][1]
+    assert label == "mean over gate"
