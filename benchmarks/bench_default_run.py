@@ -12,6 +12,7 @@ Prints a table and writes outputs/benchmarks/default_run.json. Two parts:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import statistics
@@ -21,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 from timing import joint_step, write_result
 
@@ -49,8 +51,6 @@ def default_run(overrides: list[str]) -> dict:
 
 def _build(seed: int = 0, overrides: tuple[str, ...] = ()):
     """The default config (or with ``overrides``), its datamodule and module, seeded."""
-    import lightning as L
-
     from moe_exp.app.build import build_components
     from moe_exp.app.compose import compose
     from moe_exp.app.run import quiet_lightning
@@ -62,19 +62,17 @@ def _build(seed: int = 0, overrides: tuple[str, ...] = ()):
     return (cfg, *build_components(cfg))
 
 
-class PairedSteps:
-    """A Lightning callback that, after each Lightning training step, runs one step of a bare
-    PyTorch loop on a twin of the model (same initial weights, optimiser and schedule, its
-    own pass over the same data) and times both. Pairing at the step keeps the machine's
-    drift out of the ratio: the two steps of a pair run within a tenth of a second of each
-    other. A Lightning step is the time between two batch starts less the bare step run in
-    between, so it holds everything Lightning and the module do per batch (data fetch,
-    hooks, the training step, metrics, routing statistics, progress bar, optimiser, schedule).
+class PairedSteps(L.Callback):
+    """After each Lightning training step, one step of a bare PyTorch loop on a twin of the
+    model (same initial weights, optimiser and schedule, its own pass over the same data),
+    both timed. Pairing at the step keeps the machine's drift out of the ratio: the two steps
+    of a pair run within a tenth of a second of each other. A Lightning step is the time
+    between two batch starts less the bare step run in between, so it holds everything
+    Lightning and the module do per batch (data fetch, hooks, the training step, metrics,
+    routing statistics, progress bar, optimiser, schedule).
     """
 
     def __init__(self, cfg, module, datamodule) -> None:
-        import copy
-
         from moe_exp.training.optim import adamw
 
         self.model = copy.deepcopy(module.model).train()
@@ -106,37 +104,24 @@ class PairedSteps:
         self.schedule.step()
         return time.perf_counter() - start
 
-    def as_callback(self):
-        import lightning as L
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._batch_start is not None:
+            self.lightning.append(now - self._batch_start - self._bare_seconds)
+        else:
+            self.times["first_batch"] = now
+        self._batch_start = now
 
-        paired = self
-
-        class _Callback(L.Callback):
-            def on_train_start(self, trainer, module) -> None:
-                paired.times["train_start"] = time.perf_counter()
-
-            def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-                now = time.perf_counter()
-                if paired._batch_start is not None:
-                    paired.lightning.append(now - paired._batch_start - paired._bare_seconds)
-                else:
-                    paired.times["first_batch"] = now
-                paired._batch_start = now
-
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-                paired.sizes.append(int(batch[1].shape[0]))
-                paired._bare_seconds = paired.bare_step()
-                paired.bare.append(paired._bare_seconds)
-                paired.times["last_batch_end"] = time.perf_counter()
-
-        return _Callback()
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.sizes.append(int(batch[1].shape[0]))
+        self._bare_seconds = self.bare_step()
+        self.bare.append(self._bare_seconds)
+        self.times["last_batch_end"] = time.perf_counter()
 
 
 def paired_round(overrides: tuple[str, ...] = ()) -> dict:
     """One epoch of Lightning's fit on the default model and data, each step paired with a
     bare step; per-step seconds of both, and Lightning's fixed costs around the steps."""
-    import lightning as L
-
     from moe_exp.training.callbacks import LineProgressBar
 
     cfg, datamodule, module = _build(overrides=overrides)
@@ -148,7 +133,7 @@ def paired_round(overrides: tuple[str, ...] = ()) -> dict:
         enable_checkpointing=False,
         limit_val_batches=0,
         enable_model_summary=False,
-        callbacks=[paired.as_callback(), LineProgressBar(marks=1)],
+        callbacks=[paired, LineProgressBar(marks=1)],
     )
     called = time.perf_counter()
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
