@@ -319,13 +319,13 @@ def _write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
-MAX_LINES = 8  # lines a report plot draws; beyond, it shows the mean over the other keys
+MAX_LINES = 12  # lines a report plot draws; beyond, it shows the mean over the other keys
 
 
 def _plots(groups: list[Group], swept: list[str], metrics: Sequence[str], out: Path) -> list[Path]:
-    """A metric against each swept parameter, a line per combination of the others: averaged
-    over them, a plot would mix arms that the table keeps apart (compute_scaling's samples/s
-    of the sparse and the dense-all gates in one point)."""
+    """A metric against each swept parameter, a line per combination of the others (up to
+    ``MAX_LINES``): averaged over them, a plot would mix arms that the table keeps apart
+    (compute_scaling's samples/s of the sparse and the dense-all gates in one point)."""
     from moe_exp.measure.plots import metric_vs_parameter
 
     paths = []
@@ -333,7 +333,8 @@ def _plots(groups: list[Group], swept: list[str], metrics: Sequence[str], out: P
         others = [p for p in swept if p != parameter]
         lines: dict[str, dict[str, Group]] = defaultdict(lambda: defaultdict(lambda: Group({})))
         for g in groups:
-            label = ", ".join(f"{p}={g.params[p]}" for p in others)
+            # a key by its last part (data.train_fraction: train_fraction), for short labels
+            label = ", ".join(f"{p.rpartition('.')[2]}={g.params[p]}" for p in others)
             lines[label][g.params[parameter]].runs += g.runs
         if len(lines) > MAX_LINES:
             merged: dict[str, Group] = defaultdict(lambda: Group({}))

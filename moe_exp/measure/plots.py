@@ -136,7 +136,11 @@ def metric_vs_parameter(
 ) -> Path:
     """One report plot: a metric (mean ± std over seeds) against one swept parameter, one line
     per combination of the other swept parameters (``lines``: label → x → (mean, std))."""
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(xs) + 2), 3.2 + 0.2 * (len(lines) > 1)))
+    beside = len(lines) > 4  # the legend goes beside the axes, where it covers no point
+    width = max(4.0, 0.6 * len(xs) + 2) + (3.5 if beside else 0.0)
+    fig, ax = plt.subplots(figsize=(width, 3.2))
+    if len(lines) > 10:  # the default cycle repeats its colours after ten
+        ax.set_prop_cycle(color=[plt.cm.tab20(i % 20) for i in range(len(lines))])
     position = {x: i for i, x in enumerate(xs)}
     for label, points in lines.items():
         at = [x for x in xs if x in points]
@@ -154,7 +158,10 @@ def metric_vs_parameter(
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {parameter}")
     ax.grid(alpha=0.3)
-    if len(lines) > 1:
+    if beside:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        return _save(fig, path, bbox_inches="tight")
+    if len(lines) > 1 or next(iter(lines), ""):
         ax.legend(fontsize=6, loc="best")
     return _save(fig, path)
 
