@@ -136,7 +136,7 @@ def metric_vs_parameter(
 ) -> Path:
     """One report plot: a metric (mean ± std over seeds) against one swept parameter, one line
     per combination of the other swept parameters (``lines``: label → x → (mean, std))."""
-    beside = len(lines) > 4  # the legend goes beside the axes, where it covers no point
+    beside = len(lines) > 2  # the legend goes beside the axes, where it covers no point
     width = max(4.0, 0.6 * len(xs) + 2) + (3.5 if beside else 0.0)
     fig, ax = plt.subplots(figsize=(width, 3.2))
     if len(lines) > 10:  # the default cycle repeats its colours after ten
