@@ -169,6 +169,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not.*")
     # ExactResume replays the data order of an epoch stopped half way.
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before.*")
+    # The module moves its batches itself (a tuple of tensors straight to the device); the
+    # datamodules define no transfer of their own for it to override.
+    warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
 
 
 def make_callbacks(
