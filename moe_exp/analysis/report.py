@@ -331,17 +331,14 @@ def _plots(groups: list[Group], swept: list[str], metrics: Sequence[str], out: P
     paths = []
     for parameter in swept:
         others = [p for p in swept if p != parameter]
+        labels = [  # a key by its last part (data.train_fraction: train_fraction)
+            ", ".join(f"{p.rpartition('.')[2]}={g.params[p]}" for p in others) for g in groups
+        ]
+        if len(set(labels)) > MAX_LINES:
+            labels = [f"mean over {', '.join(others)}"] * len(groups)
         lines: dict[str, dict[str, Group]] = defaultdict(lambda: defaultdict(lambda: Group({})))
-        for g in groups:
-            # a key by its last part (data.train_fraction: train_fraction), for short labels
-            label = ", ".join(f"{p.rpartition('.')[2]}={g.params[p]}" for p in others)
+        for g, label in zip(groups, labels, strict=True):
             lines[label][g.params[parameter]].runs += g.runs
-        if len(lines) > MAX_LINES:
-            merged: dict[str, Group] = defaultdict(lambda: Group({}))
-            for by_value in lines.values():
-                for x, g in by_value.items():
-                    merged[x].runs += g.runs
-            lines = {f"mean over {', '.join(others)}": merged}
         xs = sorted({x for by_value in lines.values() for x in by_value}, key=value_order)
         for metric in metrics:
             points = {}
