@@ -215,7 +215,7 @@ def main() -> None:
     print(
         f"train throughput: Lightning {rates['lightning_samples_s']:.0f}/s, bare loop "
         f"{rates['bare_samples_s']:.0f}/s; per step {rates['lightning_step_ms']:.1f} vs "
-        f"{rates['bare_step_ms']:.1f} ms (medians)\n"
+        f"{rates['bare_step_ms']:.1f} ms (medians), {rates['overhead_ms']:.2f} ms overhead\n"
         f"Lightning / bare {rates['ratio']:.3f} (median of {rates['pairs']} paired steps, "
         f"quartiles {lo:.3f}-{hi:.3f}); with Lightning's fixed cost per fit ("
         + ", ".join(f"{s:.2f}" for s in rates["fixed_s_per_fit"])
