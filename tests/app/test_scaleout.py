@@ -177,7 +177,7 @@ def ddp_ranks(tmp_path_factory) -> list[dict]:
             "threads=1",
             "+trainer.limit_train_batches=3",
             "+trainer.limit_val_batches=2",
-            "+callbacks.rank_metrics._target_=tests.test_scaleout.RankMetrics",
+            "+callbacks.rank_metrics._target_=tests.app.test_scaleout.RankMetrics",
             f"+callbacks.rank_metrics.out={root}",
             cwd=root,
         )
