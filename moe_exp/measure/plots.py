@@ -161,7 +161,7 @@ def metric_vs_parameter(
     if beside:
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         return _save(fig, path, bbox_inches="tight")
-    if len(lines) > 1 or next(iter(lines), ""):
+    if any(lines):  # a line has a label unless it is the only one and nothing else was swept
         ax.legend(fontsize=6, loc="best")
     return _save(fig, path)
 
