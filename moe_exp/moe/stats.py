@@ -9,6 +9,7 @@ its experts, so k > 1 and dense gates are measured without picking one "chosen" 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -192,13 +193,10 @@ class RoutingStats:
         """Add the queued batches to the sums, concatenated into one routing."""
         if not self._queued:
             return
-        queued, self._queued = self._queued, []
-        routings = [r for r, _, _ in queued]
-        routing = _concatenated(routings)
-        labels = [y for _, y, _ in queued]
-        latents = [z for _, _, z in queued]
+        routings, labels, latents = zip(*self._queued, strict=True)
+        self._queued = []
         self._add(
-            routing,
+            _concatenated(list(routings)),
             torch.cat(labels) if labels[0] is not None else None,
             torch.cat(latents) if latents[0] is not None else None,
         )
@@ -313,9 +311,7 @@ def _concatenated(routings: list[Routing]) -> Routing:
     first = routings[0]
     predictions = None
     if all(r.expert_predictions is not None for r in routings):
-        offsets = [0]
-        for r in routings[:-1]:
-            offsets.append(offsets[-1] + r.weights.shape[0])
+        offsets = itertools.accumulate((r.weights.shape[0] for r in routings[:-1]), initial=0)
         rows, experts, predicted = zip(*(r.expert_predictions for r in routings), strict=True)
         predictions = (
             torch.cat([r + offset for r, offset in zip(rows, offsets, strict=True)]),
